@@ -1,0 +1,6 @@
+import os
+
+# Stage modules log through the standard `tasks.*` loggers; show them in Prefect's run logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+# Prefect's ephemeral server migrates its database on first start: slow on 2 cores.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -1,0 +1,96 @@
+"""The pipeline's one configuration model.
+
+Every knob of a nightly run lives here, with a default that works offline on a fresh
+machine. The Prefect flow takes this model as its only parameter, so the Prefect UI renders
+it as a form; `recflow run --config FILE` reads the same model from YAML or JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(_Section):
+    """Sizes and seed of the built-in synthetic source (planted clusters and sequences)."""
+
+    n_users: int = Field(600, ge=2)
+    n_items: int = Field(1500, ge=10)
+    n_clusters: int = Field(8, ge=1)
+    events_per_user: int = Field(60, ge=5, description="mean events per user")
+    n_categories: int = Field(16, ge=1)
+    days: int = Field(365, ge=1, description="history length in days, ending the day before the run date")
+
+
+class ValidationConfig(_Section):
+    """Thresholds of the Great Expectations gate (schemas/suites.py)."""
+
+    min_rows: int = Field(100, ge=1)
+    min_users: int = Field(10, ge=1)
+    min_items: int = Field(10, ge=1)
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    max_duplicate_rate: float = Field(
+        0.05, ge=0, le=1, description="largest allowed share of exact duplicate (user, item, timestamp) events"
+    )
+
+
+class FeatureConfig(_Section):
+    history_length: int = Field(30, ge=1, description="recent items kept per user sequence")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of each user's events held out for evaluation")
+    valid_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share before the holdout used for early stopping and ranker training"
+    )
+    min_user_events: int = Field(5, ge=3, description="users with fewer events are never held out from")
+    max_title_tokens: int = Field(8, ge=0)
+    title_vocab_size: int = Field(5000, ge=0)
+
+
+class RetrievalConfig(_Section):
+    embedding_dim: int = Field(64, ge=4)
+    batch_size: int = Field(1024, ge=8)
+    learning_rate: float = Field(0.005, gt=0)
+    max_epochs: int = Field(15, ge=1)
+    patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
+    temperature: float = Field(0.1, gt=0)
+    l2: float = Field(0.0, ge=0)
+    candidates: int = Field(100, ge=1, description="top-N candidates handed to the ranker per user")
+
+
+class RankingConfig(_Section):
+    embedding_dim: int = Field(32, ge=4)
+    batch_size: int = Field(1024, ge=8)
+    learning_rate: float = Field(0.002, gt=0)
+    epochs: int = Field(8, ge=1)
+    cross_layers: int = Field(2, ge=0)
+
+
+class PipelineConfig(_Section):
+    """Parameters of one nightly run."""
+
+    source: str = Field(
+        "synthetic",
+        description="'synthetic', a directory (generic layout or MovieLens), or 'movielens:<name>'",
+    )
+    run_date: dt.date | None = Field(None, description="logical date of the run; default today (UTC)")
+    workspace: str = Field("workspace", description="directory holding everything a run writes")
+    top_k: int = Field(20, ge=1, le=1000)
+    seed: int = 42
+    mlflow_experiment: str = "recflow"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    validation: ValidationConfig = ValidationConfig()
+    features: FeatureConfig = FeatureConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    ranking: RankingConfig = RankingConfig()
+
+    def resolved_run_date(self) -> dt.date:
+        return self.run_date or dt.datetime.now(dt.timezone.utc).date()
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()

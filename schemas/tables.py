@@ -1,0 +1,106 @@
+"""Schemas of every table the pipeline reads or writes, and the records stages pass.
+
+Stages hand each other paths and these small records, never DataFrames or models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from pydantic import BaseModel
+
+# Input, after ingestion has normalised it (snapshots/run_date=.../*.parquet).
+INTERACTIONS = pl.Schema(
+    {
+        "user_id": pl.String,
+        "item_id": pl.String,
+        "timestamp": pl.Int64,  # unix seconds, UTC
+        "rating": pl.Float64,
+        "event_type": pl.String,
+        "weight": pl.Float64,
+    }
+)
+INTERACTIONS_REQUIRED = ("user_id", "item_id", "timestamp")
+ITEMS = pl.Schema({"item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String)})
+USERS = pl.Schema({"user_id": pl.String})
+
+# Feature tables (features/run_date=.../). Index 0 is padding / unknown in both vocabularies.
+SPLITS = ("fit", "valid", "test")
+EVENTS = pl.Schema(
+    {"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64, "split": pl.Enum(list(SPLITS))}
+)
+USER_VOCAB = pl.Schema({"user_id": pl.String, "user_idx": pl.Int32})
+ITEM_VOCAB = pl.Schema({"item_id": pl.String, "item_idx": pl.Int32, "title": pl.String, "popularity": pl.Int64})
+
+# THE output table (recommendations/run_date=.../part-*.parquet), as DESIGN.md fixes it.
+RECOMMENDATIONS = pl.Schema(
+    {
+        "run_date": pl.Date,
+        "user_id": pl.String,
+        "rank": pl.Int32,
+        "item_id": pl.String,
+        "score": pl.Float32,
+        "retrieval_score": pl.Float32,
+        "model_version": pl.String,
+        "mlflow_run_id": pl.String,
+    }
+)
+
+
+class Snapshot(BaseModel):
+    """A run's validated input: where it lies and what it holds."""
+
+    path: Path
+    source: str
+    n_interactions: int
+    n_users: int
+    n_items: int
+    has_items: bool
+    data_hash: str
+    origin: dict[str, str]  # table -> the file it was read from, for error messages
+
+    @property
+    def interactions(self) -> Path:
+        return self.path / "interactions.parquet"
+
+    @property
+    def items(self) -> Path:
+        return self.path / "items.parquet"
+
+
+class FeatureSet(BaseModel):
+    """Vocabularies, the time split and item content, as written by tasks/features.py."""
+
+    path: Path
+    n_users: int
+    n_items: int
+    n_categories: int
+    n_title_tokens: int
+    split_sizes: dict[str, int]
+
+
+class TrainedModel(BaseModel):
+    """A SavedModel directory and what training measured."""
+
+    path: Path
+    epochs: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+class ChampionDecision(BaseModel):
+    """Which models score tonight and why."""
+
+    mlflow_run_id: str
+    model_version: str
+    models_path: Path
+    promoted: bool
+    reason: str
+    metrics: dict[str, float]
+
+
+class PublishedTable(BaseModel):
+    path: Path
+    rows: int
+    users: int

@@ -1,0 +1,374 @@
+"""Ingestion: turn a source into the run's snapshot of normalised input tables.
+
+First stage of the nightly DAG. It reads one of four sources (a directory in the generic
+layout, a MovieLens directory, a GroupLens archive fetched into a cache, or the seeded
+synthetic generator), maps it onto the input contract of DESIGN.md (string ids, unix-second
+timestamps) and stages parquet files under workspace/.tmp. Validation decides whether the
+staged snapshot is published to snapshots/run_date=.../ or quarantined.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from prefect import task
+
+from schemas.config import SyntheticConfig
+from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, Snapshot
+from tasks.workspace import RecflowError, temp_dir, write_parquet
+
+log = logging.getLogger(__name__)
+
+MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens"
+MOVIELENS_ARCHIVES = ("ml-latest-small", "ml-latest", "ml-20m", "ml-25m", "ml-32m")
+
+
+def ingest(source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int) -> Snapshot:
+    """Read `source`, normalise it and stage it as parquet; return the staged snapshot."""
+    if source == "synthetic":
+        interactions, items = generate_synthetic(synthetic, run_date, seed)
+        users, origin = None, {"interactions": "synthetic", "items": "synthetic"}
+    else:
+        directory = fetch_movielens(source.split(":", 1)[1]) if source.startswith("movielens:") else Path(source)
+        interactions, items, users = read_directory(directory)
+        origin = {table: str(path) for table, path in source_files(directory).items()}
+    staged = temp_dir(workspace, "snapshot")
+    write_parquet(interactions, staged / "interactions.parquet")
+    if items is not None:
+        write_parquet(items, staged / "items.parquet")
+    if users is not None:
+        write_parquet(users, staged / "users.parquet")
+    snapshot = Snapshot(
+        path=staged,
+        source=source,
+        n_interactions=interactions.height,
+        n_users=interactions["user_id"].n_unique(),
+        n_items=interactions["item_id"].n_unique(),
+        has_items=items is not None,
+        data_hash=_hash_files(sorted(staged.glob("*.parquet"))),
+        origin=origin,
+    )
+    log.info(
+        "ingested %s: %d interactions, %d users, %d items",
+        source, snapshot.n_interactions, snapshot.n_users, snapshot.n_items,
+    )
+    return snapshot
+
+
+# --- directories ---------------------------------------------------------------------
+
+
+def read_directory(directory: Path) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
+    """Read a generic-layout or MovieLens directory into normalised frames."""
+    if not directory.is_dir():
+        raise RecflowError(f"source {str(directory)!r} is not a directory, 'synthetic' or 'movielens:<name>'")
+    if (directory / "ratings.csv").exists() and _find(directory, "interactions") is None:
+        return _read_movielens(directory)
+    path = _find(directory, "interactions")
+    if path is None:
+        raise RecflowError(f"{directory}: no interactions.csv or interactions.parquet (nor MovieLens ratings.csv)")
+    interactions = normalise_interactions(_read_table(path), path)
+    items_path = _find(directory, "items")
+    items = normalise_items(_read_table(items_path), items_path) if items_path else None
+    users_path = _find(directory, "users")
+    users = _read_table(users_path) if users_path else None
+    if users is not None:
+        _require(users, ("user_id",), users_path)
+        users = users.with_columns(pl.col("user_id").cast(pl.String))
+    return interactions, items, users
+
+
+def source_files(directory: Path) -> dict[str, Path]:
+    """The file each input table of `directory` is read from."""
+    if (directory / "ratings.csv").exists() and _find(directory, "interactions") is None:
+        return {"interactions": directory / "ratings.csv", "items": directory / "movies.csv"}
+    return {table: path for table in ("interactions", "items", "users") if (path := _find(directory, table))}
+
+
+def _read_movielens(directory: Path):
+    ratings_path = directory / "ratings.csv"
+    ratings = _read_table(ratings_path)
+    _require(ratings, ("userId", "movieId", "timestamp"), ratings_path)
+    interactions = normalise_interactions(
+        ratings.rename({"userId": "user_id", "movieId": "item_id"}), ratings_path
+    )
+    items = None
+    movies_path = directory / "movies.csv"
+    if movies_path.exists():
+        movies = _read_table(movies_path)
+        _require(movies, ("movieId",), movies_path)
+        movies = movies.rename({"movieId": "item_id", "genres": "categories"}, strict=False)
+        if "categories" in movies.columns:
+            movies = movies.with_columns(
+                pl.when(pl.col("categories") == "(no genres listed)")
+                .then(None)
+                .otherwise(pl.col("categories"))
+                .alias("categories")
+            )
+        items = normalise_items(movies, movies_path)
+    return interactions, items, None
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for suffix in (".parquet", ".csv"):
+        if (directory / f"{stem}{suffix}").exists():
+            return directory / f"{stem}{suffix}"
+    return None
+
+
+def _read_table(path: Path) -> pl.DataFrame:
+    try:
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        # Everything as text first: ids stay exactly as written ("007" stays "007").
+        return pl.read_csv(path, infer_schema=False, encoding="utf8")
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecflowError(f"{path}: cannot be read as {path.suffix[1:]}: {first_line}") from error
+
+
+def _require(frame: pl.DataFrame, columns, path: Path) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise RecflowError(
+            f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}"
+        )
+
+
+# --- normalisation -------------------------------------------------------------------
+
+
+def normalise_interactions(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Map raw interactions onto the INTERACTIONS schema; unparseable values are errors."""
+    _require(frame, INTERACTIONS_REQUIRED, path)
+    columns = [
+        pl.col("user_id").cast(pl.String),
+        pl.col("item_id").cast(pl.String),
+        _timestamp_seconds(frame["timestamp"]).alias("timestamp"),
+    ]
+    for name in ("rating", "weight"):
+        columns.append(pl.col(name).cast(pl.Float64, strict=False) if name in frame.columns else pl.lit(None, pl.Float64).alias(name))
+    columns.append(pl.col("event_type").cast(pl.String) if "event_type" in frame.columns else pl.lit(None, pl.String).alias("event_type"))
+    normalised = frame.select(columns).select(INTERACTIONS.names())
+    for name in ("timestamp", "rating", "weight"):
+        if name in frame.columns:
+            _reject_unparsed(frame[name], normalised[name], name, path)
+    return normalised
+
+
+def _timestamp_seconds(raw: pl.Series) -> pl.Series:
+    if raw.dtype.is_numeric():
+        return raw.cast(pl.Float64).floor().cast(pl.Int64)
+    if raw.dtype == pl.Datetime or raw.dtype == pl.Date:
+        return raw.cast(pl.Datetime("us")).dt.epoch("s")
+    text = raw.cast(pl.String).str.strip_chars().str.replace(" ", "T")
+    numeric = text.cast(pl.Float64, strict=False).floor().cast(pl.Int64)
+    zoned = text.str.strptime(pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.f%#z", strict=False)
+    naive = text.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S%.f", strict=False).dt.replace_time_zone("UTC")
+    day = text.str.strptime(pl.Date, "%Y-%m-%d", strict=False).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    parsed = pl.select(pl.coalesce(zoned, naive, day).dt.epoch("s")).to_series()
+    return pl.select(pl.coalesce(numeric, parsed)).to_series()
+
+
+def _reject_unparsed(raw: pl.Series, parsed: pl.Series, name: str, path: Path) -> None:
+    bad = (raw.is_not_null() & (raw.cast(pl.String).str.strip_chars() != "") & parsed.is_null()).arg_true()
+    if bad.len():
+        sample = ", ".join(f"row {i + 2}: {raw[i]!r}" for i in bad.head(3).to_list())
+        raise RecflowError(f"{path}: column {name!r} has {bad.len()} value(s) that cannot be parsed ({sample})")
+
+
+def normalise_items(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Map a raw items table onto the ITEMS schema; extra columns are kept as item features."""
+    _require(frame, ("item_id",), path)
+    title = pl.col("title").cast(pl.String) if "title" in frame.columns else pl.lit(None, pl.String).alias("title")
+    if "categories" not in frame.columns:
+        categories = pl.lit(None, pl.List(pl.String)).alias("categories")
+    elif frame.schema["categories"] == pl.List(pl.String):
+        categories = pl.col("categories")
+    else:
+        categories = pl.col("categories").cast(pl.String).str.split("|").list.eval(
+            pl.element().str.strip_chars().filter(pl.element() != "")
+        )
+    extra = [c for c in frame.columns if c not in ("item_id", "title", "categories")]
+    return frame.select(pl.col("item_id").cast(pl.String), title, categories, *extra)
+
+
+# --- GroupLens archives --------------------------------------------------------------
+
+
+def fetch_movielens(name: str, attempts: int = 4) -> Path:
+    """Return the cached directory of GroupLens archive `name`, downloading it once.
+
+    The archive is verified against the MD5 file GroupLens publishes beside it. The base
+    URL is RECFLOW_MOVIELENS_URL (default: GroupLens), the cache RECFLOW_CACHE.
+    """
+    if name not in MOVIELENS_ARCHIVES:
+        raise RecflowError(f"unknown MovieLens archive {name!r}; choose one of {', '.join(MOVIELENS_ARCHIVES)}")
+    cache = Path(os.environ.get("RECFLOW_CACHE", Path.home() / ".cache" / "recflow")).expanduser()
+    target = cache / name
+    if (target / "ratings.csv").exists():
+        return target
+    base = os.environ.get("RECFLOW_MOVIELENS_URL", MOVIELENS_URL).rstrip("/")
+    archive = _download(f"{base}/{name}.zip", attempts)
+    checksum = re.search(r"\b[0-9a-f]{32}\b", _download(f"{base}/{name}.zip.md5", attempts).decode("ascii", "replace"))
+    if checksum is None or hashlib.md5(archive).hexdigest() != checksum.group(0):
+        raise RecflowError(f"{base}/{name}.zip: checksum does not match {name}.zip.md5; the download is corrupt")
+    staging = cache / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(io.BytesIO(archive)) as bundle:
+        for member in bundle.namelist():
+            if member.endswith(".csv") or member.endswith(".txt"):
+                (staging / Path(member).name).parent.mkdir(parents=True, exist_ok=True)
+                (staging / Path(member).name).write_bytes(bundle.read(member))
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(staging, target)
+    log.info("downloaded %s into %s", name, target)
+    return target
+
+
+def _download(url: str, attempts: int) -> bytes:
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == attempts:
+                raise RecflowError(f"{url}: HTTP {error.code} {error.reason}") from error
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            if attempt == attempts:
+                raise RecflowError(f"{url}: cannot download ({error})") from error
+        time.sleep(0.5 * 2**attempt)
+        log.warning("retrying %s (attempt %d of %d)", url, attempt + 1, attempts)
+    raise AssertionError("unreachable")
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# --- synthetic -----------------------------------------------------------------------
+
+
+def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A seeded dataset with planted structure a good recommender should find.
+
+    Users and items belong to latent clusters; popularity within a cluster follows a power
+    law; each cluster's items form a chain that users walk forward in time-ordered sessions
+    (the sequential signal); item categories and title words are drawn from their cluster's.
+    """
+    rng = np.random.default_rng(seed)
+    n_users, n_items, n_clusters = cfg.n_users, cfg.n_items, min(cfg.n_clusters, cfg.n_items)
+    item_cluster = rng.permutation(np.arange(n_items) % n_clusters)
+    order = np.lexsort((rng.random(n_items), item_cluster))  # items grouped by cluster, shuffled within
+    sizes = np.bincount(item_cluster, minlength=n_clusters)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    segment = np.repeat(np.arange(n_clusters), sizes)
+    rank = np.empty(n_items, dtype=np.int64)  # popularity rank, independent of chain order
+    rank[np.lexsort((rng.random(n_items), segment))] = np.arange(n_items) - np.repeat(starts, sizes)
+    weight = 1.0 / (1.0 + rank) ** 1.1
+    cumulative = np.cumsum(weight)
+    segment_low = np.concatenate([[0.0], cumulative[np.cumsum(sizes)[:-1] - 1]])
+    segment_high = cumulative[np.cumsum(sizes) - 1]
+
+    def popular_in(clusters: np.ndarray) -> np.ndarray:
+        draw = segment_low[clusters] + rng.random(clusters.size) * (segment_high[clusters] - segment_low[clusters])
+        return np.minimum(np.searchsorted(cumulative, draw, side="right"), n_items - 1)
+
+    user_cluster = rng.integers(n_clusters, size=n_users)
+    second_cluster = rng.integers(n_clusters, size=n_users)
+    lengths = np.clip(rng.lognormal(np.log(cfg.events_per_user) - 0.3, 0.8, n_users), 5, cfg.events_per_user * 8)
+    lengths = lengths.astype(int)
+    steps = int(lengths.max())
+    position = np.empty((n_users, steps), dtype=np.int64)  # index into `order`
+    position[:, 0] = popular_in(user_cluster)
+    for t in range(1, steps):
+        previous = position[:, t - 1]
+        move = rng.random(n_users)
+        cluster_of_previous = np.searchsorted(np.cumsum(sizes), previous, side="right")
+        chain_next = starts[cluster_of_previous] + (previous - starts[cluster_of_previous] + rng.integers(1, 3, n_users)) % sizes[cluster_of_previous]
+        home = np.where(rng.random(n_users) < 0.8, user_cluster, second_cluster)
+        position[:, t] = np.where(
+            move < 0.55, chain_next, np.where(move < 0.9, popular_in(home), popular_in(rng.integers(n_clusters, size=n_users)))
+        )
+    item_of_position = order
+    valid = np.arange(steps)[None, :] < lengths[:, None]
+
+    new_session = rng.random((n_users, steps)) < 0.12
+    gap = np.where(new_session, rng.exponential(86400 * 3.0, (n_users, steps)), rng.integers(30, 900, (n_users, steps)))
+    gap[:, 0] = 0
+    elapsed = np.cumsum(gap * valid, axis=1)
+    window = cfg.days * 86400
+    span = elapsed.max(axis=1)
+    scale = np.minimum(1.0, window * 0.9 / np.maximum(span, 1))
+    end = dt.datetime.combine(run_date, dt.time(), dt.timezone.utc).timestamp() - 3600
+    first = end - window + rng.random(n_users) * (window - span * scale)
+    timestamps = (first[:, None] + elapsed * scale[:, None]).astype(np.int64)
+
+    users_matrix = np.broadcast_to(np.arange(n_users)[:, None], (n_users, steps))
+    item_index = item_of_position[position]
+    in_cluster = item_cluster[item_index] == user_cluster[:, None]
+    rating = np.clip(np.round(3.0 + 1.2 * in_cluster + rng.normal(0, 0.8, (n_users, steps))), 1, 5)
+    interactions = (
+        pl.DataFrame(
+            {
+                "user_id": users_matrix[valid],
+                "item_id": item_index[valid],
+                "timestamp": timestamps[valid],
+                "rating": rating[valid].astype(np.float64),
+            }
+        )
+        .unique(["user_id", "item_id"], keep="first", maintain_order=True)
+        .select(
+            pl.format("user_{}", pl.col("user_id")).alias("user_id"),
+            pl.format("item_{}", pl.col("item_id")).alias("item_id"),
+            "timestamp",
+            "rating",
+            pl.lit("view").alias("event_type"),
+            pl.lit(None, pl.Float64).alias("weight"),
+        )
+    )
+    return interactions, _synthetic_items(rng, item_cluster, cfg.n_categories, n_clusters)
+
+
+def _synthetic_items(rng: np.random.Generator, item_cluster: np.ndarray, n_categories: int, n_clusters: int) -> pl.DataFrame:
+    n_items = item_cluster.size
+    favourite = (np.arange(n_clusters)[:, None] * 2 + np.arange(2)[None, :]) % n_categories
+    primary = favourite[item_cluster, rng.integers(2, size=n_items)]
+    secondary = np.where(rng.random(n_items) < 0.7, favourite[item_cluster, 1 - (primary % 2)], rng.integers(n_categories, size=n_items))
+    words = np.array(
+        ["alpha", "bravo", "cosmic", "delta", "echo", "forest", "gamma", "harbor", "iron", "jade", "karma", "lunar",
+         "metro", "nova", "orbit", "prism", "quartz", "river", "solar", "tango", "ultra", "vortex", "willow", "zenith"]
+    )
+    word = words[(item_cluster * 3 + rng.integers(3, size=n_items)) % words.size]
+    return pl.DataFrame(
+        {
+            "item_id": [f"item_{i}" for i in range(n_items)],
+            "title": [f"{w.title()} {i}" for i, w in enumerate(word)],
+            "categories": [[f"cat_{a}", f"cat_{b}"] if a != b else [f"cat_{a}"] for a, b in zip(primary, secondary)],
+        }
+    )
+
+
+# --- Prefect -------------------------------------------------------------------------
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), RecflowError))
+def ingest_task(source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int) -> Snapshot:
+    return ingest(source, run_date, workspace, synthetic, seed)

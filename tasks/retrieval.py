@@ -1,0 +1,212 @@
+"""Retrieval: a TFRS two-tower model that narrows the catalogue to a few candidates per user.
+
+Fourth stage of the nightly DAG. The query tower reads the user id and the user's recent
+history (attention-pooled item representations plus the latest item); the candidate tower
+represents an item by its id, categories and title tokens, and the history encoder shares
+it. Training is next-item prediction on the `fit` split with in-batch softmax, corrected
+for how often each item appears as a sampled negative (log-Q), and stops early on recall
+over the `valid` split. The export is one SavedModel with two signatures, `query` and
+`candidates`, that scoring and the champion gate load without this module's classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from prefect import task
+
+from schemas.config import FeatureConfig, RetrievalConfig
+from schemas.tables import FeatureSet, TrainedModel
+from tasks.features import Features, event_histories, load_features, save_vocabulary, user_histories
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
+
+
+def train_retrieval(
+    feature_set: FeatureSet, models: Path, cfg: RetrievalConfig, features_cfg: FeatureConfig, seed: int
+) -> TrainedModel:
+    """Train the two-tower model on `fit`, stop on `valid` recall; export to models/retrieval.
+
+    The vocabularies the model was trained with are saved beside it, in models/vocab.
+    """
+    from tasks import towers
+    from tasks.tfenv import keras, seed_everything, tf
+
+    started = time.perf_counter()
+    seed_everything(seed)
+    features = load_features(feature_set.path)
+    length = features_cfg.history_length
+    fit = features.events.filter(pl.col("split") == "fit")
+    popularity = features.item_popularity
+    sampling_probability = (popularity / popularity.sum()).astype(np.float32)
+    train = {
+        "user_idx": fit["user_idx"].to_numpy(),
+        "history": event_histories(fit, length),
+        "item_idx": fit["item_idx"].to_numpy(),
+        "sampling_probability": sampling_probability[fit["item_idx"].to_numpy()],
+    }
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(train)
+        .shuffle(len(train["item_idx"]), seed=seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size, drop_remainder=len(train["item_idx"]) > cfg.batch_size)
+        .prefetch(2)
+    )
+    model = towers.TwoTower(features, length, cfg)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    validation = towers.EpochMetric("val_recall", _validation_recall(features, length))
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="val_recall", mode="max", patience=cfg.patience, restore_best_weights=True
+    )
+    history = model.fit(dataset, epochs=cfg.max_epochs, callbacks=[validation, stopper], verbose=0)
+    best = int(np.argmax(history.history["val_recall"]))
+    out = models / "retrieval"
+    export(model, out)
+    save_vocabulary(features, models / "vocab")
+    metrics = {
+        f"valid_recall_at_{RECALL_AT}": float(history.history["val_recall"][best]),
+        "train_loss": float(history.history["loss"][best]),
+    }
+    log.info("retrieval: %d epochs, best %d, %s", len(history.history["loss"]), best + 1, metrics)
+    return TrainedModel(path=out, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics)
+
+
+def retrieve(
+    queries: np.ndarray,
+    item_embeddings: np.ndarray,
+    exclude: tuple[np.ndarray, np.ndarray],
+    n: int,
+    block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-`n` items for each query row, in blocks of rows.
+
+    `item_embeddings` row 0 is the padding item and is never returned; `exclude` holds
+    (row, item) pairs that must not be returned (items the user already interacted with).
+    Never materialises more than `block` x n_items scores at once.
+    """
+    n = min(n, item_embeddings.shape[0] - 1)
+    rows, items = exclude
+    order = np.argsort(rows, kind="stable")
+    rows, items = rows[order], items[order]
+    top_items = np.zeros((queries.shape[0], n), dtype=np.int64)
+    top_scores = np.zeros((queries.shape[0], n), dtype=np.float32)
+    for start in range(0, queries.shape[0], block):
+        stop = min(start + block, queries.shape[0])
+        scores = queries[start:stop] @ item_embeddings.T
+        scores[:, 0] = -np.inf
+        low, high = np.searchsorted(rows, [start, stop])
+        scores[rows[low:high] - start, items[low:high]] = -np.inf
+        part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        ranked = np.argsort(-part_scores, axis=1, kind="stable")
+        top_items[start:stop] = np.take_along_axis(part, ranked, axis=1)
+        top_scores[start:stop] = np.take_along_axis(part_scores, ranked, axis=1)
+    return top_items, top_scores
+
+
+class RetrievalBundle:
+    """An exported retrieval SavedModel, loaded for scoring: queries in, top-N items out."""
+
+    def __init__(self, saved_model, item_embeddings: np.ndarray):
+        self.saved_model = saved_model
+        self.item_embeddings = item_embeddings
+
+    @classmethod
+    def load(cls, path: Path) -> "RetrievalBundle":
+        from tasks.tfenv import tf
+
+        saved_model = tf.saved_model.load(str(path))
+        n_items = int(np.load(path / "n_items.npy"))
+        items = saved_model.signatures["candidates"](tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy()
+        return cls(saved_model, items)
+
+    def queries(self, user_idx: np.ndarray, history: np.ndarray, block: int = 8192) -> np.ndarray:
+        signature = self.saved_model.signatures["query"]
+        parts = [
+            signature(user_idx=user_idx[i : i + block].astype(np.int32), history=history[i : i + block].astype(np.int32))[
+                "embedding"
+            ].numpy()
+            for i in range(0, user_idx.size, block)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.item_embeddings.shape[1]), np.float32)
+
+    def retrieve(
+        self, user_idx: np.ndarray, history: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return retrieve(self.queries(user_idx, history), self.item_embeddings, exclude, n)
+
+
+def export(model, out: Path) -> None:
+    """Save both towers as one SavedModel with `query` and `candidates` signatures."""
+    from tasks.tfenv import tf
+
+    module = tf.Module()
+    module.query_model, module.candidate_model = model.query_model, model.candidate_model
+    length = model.history_length
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, length], tf.int32)])
+    def query(user_idx, history):
+        return {"embedding": module.query_model({"user_idx": user_idx, "history": history})}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def candidates(item_idx):
+        return {"embedding": module.candidate_model(item_idx)}
+
+    module.query, module.candidates = query, candidates
+    tf.saved_model.save(module, str(out), signatures={"query": query, "candidates": candidates})
+    np.save(out / "n_items.npy", np.int64(model.candidate_model.items.ids.input_dim - 1))
+
+
+# --- validation --------------------------------------------------------------------
+
+
+def _validation_recall(features: Features, length: int):
+    """A function of the model: recall@RECALL_AT of `valid` items, querying with `fit` history."""
+    from tasks.evaluate import ranking_metrics
+
+    fit = features.events.filter(pl.col("split") == "fit")
+    valid = features.events.filter(pl.col("split") == "valid")
+    users = np.unique(valid["user_idx"].to_numpy())
+    history = user_histories(fit, features.n_users, length)[users]
+    all_items = np.arange(features.n_items + 1, dtype=np.int32)
+    exclude = rows_of(users, fit)
+    truth = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
+
+    def recall(model) -> float:
+        queries = model.query_model({"user_idx": users.astype(np.int32), "history": history}).numpy()
+        items = model.candidate_model(all_items).numpy()
+        top, _ = retrieve(queries, items, exclude, RECALL_AT)
+        return ranking_metrics(as_table(users, top), truth, RECALL_AT, features.n_items)["recall"]
+
+    return recall
+
+
+def rows_of(users: np.ndarray, events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(row in `users`, item) for the events of the users listed in sorted `users`."""
+    event_users = events["user_idx"].to_numpy()
+    row = np.minimum(np.searchsorted(users, event_users), max(users.size - 1, 0))
+    known = users[row] == event_users if users.size else np.zeros(event_users.size, bool)
+    return row[known], events["item_idx"].to_numpy()[known]
+
+
+def as_table(users: np.ndarray, top: np.ndarray) -> pl.DataFrame:
+    k = top.shape[1]
+    return pl.DataFrame(
+        {
+            "user": np.repeat(users, k),
+            "item": top.ravel(),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), users.size),
+        }
+    )
+
+
+@task(name="train_retrieval")
+def train_retrieval_task(
+    feature_set: FeatureSet, models: Path, cfg: RetrievalConfig, features_cfg: FeatureConfig, seed: int
+) -> TrainedModel:
+    return train_retrieval(feature_set, models, cfg, features_cfg, seed)

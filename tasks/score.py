@@ -1,0 +1,145 @@
+"""Batch scoring and publishing: every user's top-K list, written whole or not at all.
+
+Seventh and last stages of the nightly DAG. `recommend` is the one path from a model
+directory (retrieval + ranking SavedModels and their vocabularies) to ranked lists: it
+maps tonight's ids into the model's vocabulary, so a champion trained on an earlier
+night scores tonight's users just as a fresh model does. The evaluation stage uses the
+same function on the held-out split. `score` writes the output table of DESIGN.md to a
+temp directory; `publish` renames it into recommendations/run_date=.../.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from prefect import task
+
+from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable
+from tasks.features import Features, load_features, user_histories
+from tasks.ranking import candidate_features
+from tasks.retrieval import RetrievalBundle
+from tasks.workspace import partition, publish_dir, temp_dir, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+USERS_PER_BLOCK = 4096
+
+
+def recommend(
+    models: Path, features: Features, users: np.ndarray, history: pl.DataFrame, n_candidates: int, k: int
+) -> pl.DataFrame:
+    """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`.
+
+    `history` holds the events (tonight's indices, sorted by user and time) that form each
+    user's sequence and that are never recommended again. Returns one row per (user, rank)
+    with columns user_idx, rank, item_id, score, retrieval_score.
+    """
+    from tasks.tfenv import tf
+
+    vocab = models / "vocab"
+    user_map = _index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")
+    item_map = _index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")
+    model_items = pl.read_parquet(vocab / "items.parquet", columns=["item_id", "item_idx"]).sort("item_idx")
+    item_ids = np.concatenate([[""], model_items["item_id"].to_numpy()]).astype(object)
+    popularity = np.load(vocab / "item_popularity.npy")
+    retrieval = RetrievalBundle.load(models / "retrieval")
+    ranker = tf.saved_model.load(str(models / "ranking")).signatures["score"]
+    length = int(retrieval.saved_model.signatures["query"].structured_input_signature[1]["history"].shape[1])
+    histories = item_map[user_histories(history, features.n_users, length)]
+    activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
+    seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
+    n_candidates = max(n_candidates, k)
+    frames = []
+    for start in range(0, users.size, USERS_PER_BLOCK):
+        block = np.sort(users[start : start + USERS_PER_BLOCK])
+        exclude = _pairs_in(block, seen_users, seen_items)
+        candidates, scores = retrieval.retrieve(user_map[block], histories[block], exclude, n_candidates)
+        inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block])
+        ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
+        ranked = ranked.reshape(candidates.shape)
+        order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(candidates, order, axis=1)
+        width = top.shape[1]
+        frames.append(
+            pl.DataFrame(
+                {
+                    "user_idx": np.repeat(block, width).astype(np.int32),
+                    "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
+                    "item_id": item_ids[top.ravel()].astype(str),
+                    "score": np.take_along_axis(ranked, order, axis=1).ravel().astype(np.float32),
+                    "retrieval_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
+                }
+            )
+        )
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def _index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:
+    """Array mapping tonight's index -> the model's index (0 where the model never saw the id)."""
+    joined = tonight.select(id_column, idx_column).join(
+        model_vocab.select(id_column, pl.col(idx_column).alias("model_idx")), on=id_column, how="left"
+    )
+    mapping = np.zeros(tonight.height + 1, dtype=np.int32)
+    mapping[joined[idx_column].to_numpy()] = joined["model_idx"].fill_null(0).to_numpy()
+    return mapping
+
+
+def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row in sorted `block`, item) for events of users in `block`, unknown items dropped."""
+    row = np.minimum(np.searchsorted(block, users), block.size - 1)
+    keep = (block[row] == users) & (items > 0)
+    return row[keep], items[keep]
+
+
+def score(
+    feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date, n_candidates: int, k: int
+) -> Path:
+    """Write every user's top-`k` list, as DESIGN.md's output table, to a temp directory."""
+    features = load_features(feature_set.path)
+    users = features.users["user_idx"].to_numpy()
+    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k)
+    table = (
+        recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
+        .with_columns(
+            pl.lit(run_date).alias("run_date"),
+            pl.lit(decision.model_version).alias("model_version"),
+            pl.lit(decision.mlflow_run_id).alias("mlflow_run_id"),
+        )
+        .sort("user_id", "rank")
+        .select(RECOMMENDATIONS.names())
+        .cast(dict(RECOMMENDATIONS))
+    )
+    staged = temp_dir(workspace, "recommendations")
+    write_parquet(table, staged / "part-00000.parquet")
+    log.info("scored %d users, %d rows", table["user_id"].n_unique(), table.height)
+    return staged
+
+
+def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict) -> PublishedTable:
+    """Move the scored partition into place atomically, with a manifest beside the parts."""
+    table = pl.read_parquet(staged / "*.parquet")
+    published = PublishedTable(
+        path=partition(workspace, "recommendations", run_date), rows=table.height, users=table["user_id"].n_unique()
+    )
+    write_json(manifest | published.model_dump(mode="json"), staged / "_manifest.json")
+    publish_dir(staged, published.path)
+    shutil.rmtree(staged, ignore_errors=True)
+    log.info("published %s (%d rows, %d users)", published.path, published.rows, published.users)
+    return published
+
+
+@task(name="score")
+def score_task(
+    feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date, n_candidates: int, k: int
+) -> Path:
+    return score(feature_set, decision, workspace, run_date, n_candidates, k)
+
+
+@task(name="publish")
+def publish_task(staged: Path, workspace: Path, run_date: dt.date, manifest: dict) -> PublishedTable:
+    return publish(staged, workspace, run_date, manifest)

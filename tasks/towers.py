@@ -1,0 +1,189 @@
+"""The Keras/TFRS building blocks of both models: small layers the stages compose.
+
+Imported only inside the training and scoring stages (it imports TensorFlow). Item,
+query and candidate towers are separate objects; `TwoTower` and `Ranker` own only their
+TFRS task and loss, as in TFRS itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from schemas.config import RankingConfig, RetrievalConfig
+from tasks.features import Features
+from tasks.tfenv import keras, tf, tfrs
+
+log = logging.getLogger(__name__)
+
+
+class ItemEncoder(keras.layers.Layer):
+    """An item as the sum of its id, category and title-token embeddings (hybrid CF + content).
+
+    The content tables ride along as constants, so a new item with categories or a title
+    but few interactions still lands near similar items.
+    """
+
+    def __init__(self, features: Features, dim: int, l2: float = 0.0):
+        super().__init__(name="item_encoder")
+        self.dim = dim
+        regulariser = keras.regularizers.l2(l2) if l2 else None
+        self.ids = keras.layers.Embedding(features.n_items + 1, dim, embeddings_regularizer=regulariser)
+        self.categories = keras.layers.Embedding(int(features.item_categories.max()) + 1, dim)
+        self.tokens = keras.layers.Embedding(int(features.item_title.max()) + 1, dim)
+        self.category_table = tf.constant(features.item_categories)
+        self.token_table = tf.constant(features.item_title)
+
+    def call(self, item_idx):
+        return (
+            self.ids(item_idx)
+            + _masked_mean(self.categories, tf.gather(self.category_table, item_idx))
+            + _masked_mean(self.tokens, tf.gather(self.token_table, item_idx))
+        )
+
+
+class QueryTower(keras.Model):
+    """A user as their id, attention over their recent history (newest first) and their latest item."""
+
+    def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, l2: float = 0.0):
+        super().__init__(name="query_tower")
+        regulariser = keras.regularizers.l2(l2) if l2 else None
+        self.items = items
+        self.length = length
+        self.users = keras.layers.Embedding(n_users + 1, dim, embeddings_regularizer=regulariser)
+        self.positions = keras.layers.Embedding(length, dim)
+        self.attention = keras.layers.Dense(1)
+        self.project = keras.layers.Dense(dim)
+
+    def call(self, inputs):
+        history = inputs["history"]
+        # Encode each distinct history item once per batch: histories repeat items heavily.
+        distinct, position = tf.unique(tf.reshape(history, [-1]))
+        items = tf.reshape(tf.gather(self.items(distinct), position), [-1, self.length, self.items.dim])
+        keys = items + self.positions(tf.range(self.length))[None]
+        logits = tf.squeeze(self.attention(keys), -1) + tf.where(history > 0, 0.0, -1e9)
+        any_history = tf.cast(tf.reduce_any(history > 0, -1, keepdims=True), tf.float32)
+        weights = tf.nn.softmax(logits, axis=-1) * any_history
+        pooled = tf.reduce_sum(items * weights[..., None], axis=1)
+        return self.project(tf.concat([self.users(inputs["user_idx"]), pooled, items[:, 0]], axis=-1))
+
+
+class CandidateTower(keras.Model):
+    def __init__(self, items: ItemEncoder):
+        super().__init__(name="candidate_tower")
+        self.items = items
+
+    def call(self, item_idx):
+        return self.items(item_idx)
+
+
+class DenseGradientsModel(tfrs.models.Model):
+    """A TFRS model whose embedding gradients are applied densely.
+
+    A batch touches each embedding row many times (histories repeat items); applying
+    those sparse slices one by one costs more on CPU than one dense update of the table.
+    """
+
+    def train_step(self, inputs):
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(inputs, training=True)
+            total_loss = loss + sum(self.losses)
+        gradients = tape.gradient(total_loss, self.trainable_variables)
+        dense = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]
+        self.optimizer.apply_gradients(zip(dense, self.trainable_variables))
+        return {"loss": loss, "total_loss": total_loss}
+
+
+class TwoTower(DenseGradientsModel):
+    """Retrieve O(hundreds) candidates from the whole catalogue: towers + TFRS retrieval loss.
+
+    In-batch softmax with log-Q correction (`sampling_probability` of each positive) and
+    accidental hits removed; metrics are off during training (validation runs per epoch).
+    """
+
+    def __init__(self, features: Features, length: int, cfg: RetrievalConfig):
+        super().__init__()
+        self.history_length = length
+        items = ItemEncoder(features, cfg.embedding_dim, cfg.l2)
+        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.l2)
+        self.candidate_model = CandidateTower(items)
+        self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
+
+    def compute_loss(self, inputs, training=False):
+        return self.task(
+            self.query_model(inputs),
+            self.candidate_model(inputs["item_idx"]),
+            candidate_sampling_probability=inputs["sampling_probability"],
+            candidate_ids=inputs["item_idx"],
+            compute_metrics=False,
+            compute_batch_metrics=False,
+        )
+
+
+class Ranker(DenseGradientsModel):
+    """Score (user, candidate) pairs: ids, retrieval score and counts through DCN-v2 cross layers.
+
+    Sees only the O(hundreds) candidates retrieval hands it, so it can afford features
+    and interactions the two-tower dot product cannot express.
+    """
+
+    def __init__(self, features: Features, cfg: RankingConfig):
+        super().__init__()
+        dim = cfg.embedding_dim
+        self.users = keras.layers.Embedding(features.n_users + 1, dim)
+        self.items = keras.layers.Embedding(features.n_items + 1, dim)
+        self.normalise = keras.layers.Normalization(axis=-1)
+        self.cross = [tfrs.layers.dcn.Cross() for _ in range(cfg.cross_layers)]
+        self.deep = [keras.layers.Dense(64, activation="relu"), keras.layers.Dense(32, activation="relu")]
+        self.logit = keras.layers.Dense(1)
+        self.task = tfrs.tasks.Ranking(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+
+    def adapt(self, inputs: dict) -> None:
+        self.normalise.adapt(inputs["numeric"])
+
+    def call(self, inputs):
+        x = tf.concat([self.users(inputs["user_idx"]), self.items(inputs["item_idx"]), self.normalise(inputs["numeric"])], -1)
+        x0 = x
+        for layer in self.cross:
+            x = layer(x0, x)
+        for layer in self.deep:
+            x = layer(x)
+        return tf.squeeze(self.logit(x), -1)
+
+    def compute_loss(self, data, training=False):
+        inputs, labels = data
+        return self.task(labels=labels, predictions=self(inputs, training=training), compute_metrics=False)
+
+    def export(self, out) -> None:
+        n_numeric = self.normalise.mean.shape[-1]
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, n_numeric], tf.float32),
+            ]
+        )
+        def score(user_idx, item_idx, numeric):
+            return {"score": self({"user_idx": user_idx, "item_idx": item_idx, "numeric": numeric})}
+
+        module = tf.Module()
+        module.ranker, module.score = self, score
+        tf.saved_model.save(module, str(out), signatures={"score": score})
+
+
+class EpochMetric(keras.callbacks.Callback):
+    """Adds `name` = fn(model) to the epoch logs, for early stopping on a real metric."""
+
+    def __init__(self, name: str, fn: Callable[[keras.Model], float]):
+        super().__init__()
+        self.metric_name, self.fn = name, fn
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs[self.metric_name] = self.fn(self.model)
+        log.info("epoch %d: loss %.1f, %s %.4f", epoch + 1, logs["loss"], self.metric_name, logs[self.metric_name])
+
+
+def _masked_mean(embedding, tokens):
+    mask = tf.cast(tokens > 0, tf.float32)[..., None]
+    return tf.reduce_sum(embedding(tokens) * mask, axis=-2) / tf.maximum(tf.reduce_sum(mask, axis=-2), 1.0)

@@ -1,0 +1,145 @@
+"""Validation: the Great Expectations gate between ingestion and everything else.
+
+Second stage of the nightly DAG. It runs the suites of schemas/suites.py on the staged
+snapshot. On success the snapshot is published to snapshots/run_date=.../ with the GE
+result (JSON) and Data Docs (HTML) beside it. On failure the staged files and the result
+go to quarantine/run_date=.../ and the run stops with an error naming each failed
+expectation, the file and a sample of offending values; nothing downstream is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from schemas.tables import Snapshot
+from tasks.workspace import RecflowError, partition, publish_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+class ValidationFailed(RecflowError):
+    """Input broke one or more expectations; the message lists them."""
+
+    def __init__(self, message: str, failures: list[dict]):
+        super().__init__(message)
+        self.failures = failures
+
+
+def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg) -> tuple[Snapshot, list[dict]]:
+    """Validate the staged snapshot; publish it, or quarantine it and raise ValidationFailed."""
+    report_dir = snapshot.path / "validation"
+    failures = run_suites(snapshot, run_date, cfg, report_dir)
+    if failures:
+        target = partition(workspace, "quarantine", run_date)
+        write_json(failures, snapshot.path / "reasons.json")
+        publish_dir(snapshot.path, target)
+        lines = [f"{f['file']}: {f['expectation']}({f['column']}): {f['detail']}" for f in failures]
+        raise ValidationFailed(
+            f"validation failed, {len(failures)} expectation(s) broken (details in {target}): " + "; ".join(lines),
+            failures,
+        )
+    published = snapshot.model_copy(update={"path": partition(workspace, "snapshots", run_date)})
+    publish_dir(snapshot.path, published.path)
+    return published, failures
+
+
+def run_suites(snapshot: Snapshot, run_date: dt.date, cfg, report_dir: Path) -> list[dict]:
+    """Run every suite on the snapshot; write results and Data Docs; return the failures."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    from schemas.suites import interactions_suite, items_suite
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="great_expectations")
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    context.add_data_docs_site(
+        site_name="recflow",
+        site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir / "docs")},
+        },
+    )
+    source = context.data_sources.add_pandas(name="snapshot")
+    items = pl.read_parquet(snapshot.items) if snapshot.has_items else None
+    tables = [("interactions", pl.read_parquet(snapshot.interactions), interactions_suite(
+        cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None
+    ))]
+    if items is not None:
+        tables.append(("items", items.select("item_id"), items_suite()))
+    failures = []
+    for name, frame, suite in tables:
+        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all")
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=context.suites.add(suite))
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=name,
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["recflow"])],
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
+            )
+        )
+        frame_pd = frame.to_pandas(use_pyarrow_extension_array=True)
+        result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame_pd}).run_results.values()))
+        write_json(result.to_json_dict(), report_dir / f"{name}.json")
+        failures += [_describe(r, snapshot.origin.get(name, name)) for r in result.results if not r.success]
+    log.info("validation: %d failed expectation(s)", len(failures))
+    return failures
+
+
+def _describe(result, file: str) -> dict:
+    config, outcome = result.expectation_config, result.result
+    column = config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or []) or "table"
+    if result.exception_info.get("raised_exception"):
+        detail = result.exception_info.get("exception_message", "could not be evaluated")
+    elif "unexpected_count" in outcome:
+        sample = [str(v) for v in (outcome.get("partial_unexpected_list") or [])[:3]]
+        detail = (
+            f"{outcome['unexpected_count']} offending row(s) ({outcome.get('unexpected_percent', 0):.2f}%)"
+            + (f", e.g. {', '.join(sample)}" if sample else "")
+        )
+    else:
+        detail = f"observed {outcome.get('observed_value')!r}, expected {_expected(config.kwargs)}"
+    return {"file": file, "expectation": config.type, "column": column, "detail": detail}
+
+
+def _expected(kwargs: dict) -> str:
+    bounds = {k: v for k, v in kwargs.items() if k in ("min_value", "max_value", "value_set") and v is not None}
+    return ", ".join(f"{k}={v}" for k, v in bounds.items()) or "the column to exist"
+
+
+def summary_markdown(failures: list[dict], snapshot: Snapshot) -> str:
+    status = "passed" if not failures else f"FAILED ({len(failures)} expectation(s))"
+    lines = [
+        f"# Validation {status}",
+        "",
+        f"Source `{snapshot.source}`: {snapshot.n_interactions} interactions, {snapshot.n_users} users, "
+        f"{snapshot.n_items} items (data hash `{snapshot.data_hash}`).",
+    ]
+    if failures:
+        lines += ["", "| file | expectation | column | detail |", "|---|---|---|---|"]
+        lines += [f"| {f['file']} | {f['expectation']} | {f['column']} | {f['detail']} |" for f in failures]
+    return "\n".join(lines)
+
+
+@task(name="validate")
+def validate_task(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg) -> Snapshot:
+    try:
+        published, failures = validate(snapshot, workspace, run_date, cfg)
+    except ValidationFailed as error:
+        create_markdown_artifact(summary_markdown(error.failures, snapshot), key="validation", description="GE gate")
+        raise
+    create_markdown_artifact(summary_markdown(failures, published), key="validation", description="GE gate")
+    return published
