@@ -65,10 +65,12 @@ class RetrievalConfig(_Section):
 
 class RankingConfig(_Section):
     embedding_dim: int = Field(32, ge=4)
-    batch_size: int = Field(1024, ge=8)
+    batch_size: int = Field(32, ge=1, description="users (candidate lists) per batch")
     learning_rate: float = Field(0.002, gt=0)
-    epochs: int = Field(8, ge=1)
-    cross_layers: int = Field(2, ge=0)
+    epochs: int = Field(3, ge=1)
+    cross_layers: int = Field(1, ge=0)
+    l2: float = Field(1e-4, ge=0)
+    id_embeddings: bool = Field(False, description="user and item id embeddings in the ranker (overfit on small data)")
 
 
 class PipelineConfig(_Section):

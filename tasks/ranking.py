@@ -59,14 +59,20 @@ def train_ranking(
         .to_numpy()
         .astype(np.float32)
     )
+    # One example per user: its candidate list, positives weighted to sum to one.
+    n = candidates.shape[1]
+    labels = labels.reshape(-1, n)
+    keep = labels.sum(axis=1) > 0
+    lists = {
+        "user_idx": users[keep],
+        "item_idx": inputs["item_idx"].reshape(-1, n)[keep],
+        "numeric": inputs["numeric"].reshape(users.size, n, -1)[keep],
+    }
+    targets = labels[keep] / labels[keep].sum(axis=1, keepdims=True)
     model = towers.Ranker(features, cfg)
-    model.adapt(inputs)
+    model.adapt(lists)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((inputs, labels))
-        .shuffle(labels.size, seed=seed)
-        .batch(cfg.batch_size)
-    )
+    dataset = tf.data.Dataset.from_tensor_slices((lists, targets)).shuffle(int(keep.sum()), seed=seed).batch(cfg.batch_size)
     history = model.fit(dataset, epochs=cfg.epochs, verbose=0)
     model.export(out)
     metrics = {"train_loss": float(history.history["loss"][-1]), "positive_rate": float(labels.mean())}

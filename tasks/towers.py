@@ -121,34 +121,47 @@ class TwoTower(DenseGradientsModel):
 
 
 class Ranker(DenseGradientsModel):
-    """Score (user, candidate) pairs: ids, retrieval score and counts through DCN-v2 cross layers.
+    """Re-order retrieval's O(hundreds) candidates per user: a learned correction to its score.
 
-    Sees only the O(hundreds) candidates retrieval hands it, so it can afford features
-    and interactions the two-tower dot product cannot express.
+    The logit is a learned multiple of the retrieval score plus a DCN-v2 network over user
+    and item ids and the numeric features (retrieval score and rank, item popularity, user
+    activity). The network's output layer starts at zero, so an untrained ranker keeps the
+    retrieval order and training moves away from it only where the data says so.
     """
 
     def __init__(self, features: Features, cfg: RankingConfig):
         super().__init__()
         dim = cfg.embedding_dim
-        self.users = keras.layers.Embedding(features.n_users + 1, dim)
-        self.items = keras.layers.Embedding(features.n_items + 1, dim)
+        self.use_ids = cfg.id_embeddings
+        regulariser = keras.regularizers.l2(cfg.l2) if cfg.l2 else None
+        self.users = keras.layers.Embedding(features.n_users + 1, dim, embeddings_regularizer=regulariser)
+        self.items = keras.layers.Embedding(features.n_items + 1, dim, embeddings_regularizer=regulariser)
         self.normalise = keras.layers.Normalization(axis=-1)
         self.cross = [tfrs.layers.dcn.Cross() for _ in range(cfg.cross_layers)]
         self.deep = [keras.layers.Dense(64, activation="relu"), keras.layers.Dense(32, activation="relu")]
-        self.logit = keras.layers.Dense(1)
-        self.task = tfrs.tasks.Ranking(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        self.correction = keras.layers.Dense(1, kernel_initializer="zeros")
+        self.retrieval_weight = self.add_weight(name="retrieval_weight", shape=(), initializer="ones")
+        # Listwise: softmax over each user's candidates, as the top-K metrics judge them.
+        self.task = tfrs.tasks.Ranking(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
 
     def adapt(self, inputs: dict) -> None:
-        self.normalise.adapt(inputs["numeric"])
+        self.normalise.adapt(inputs["numeric"].reshape(-1, inputs["numeric"].shape[-1]))
 
     def call(self, inputs):
-        x = tf.concat([self.users(inputs["user_idx"]), self.items(inputs["item_idx"]), self.normalise(inputs["numeric"])], -1)
+        """Logits shaped like `item_idx`: (pairs,) at serving, (users, candidates) in training."""
+        shape = tf.shape(inputs["item_idx"])
+        numeric = self.normalise(tf.reshape(inputs["numeric"], [-1, self.normalise.mean.shape[-1]]))
+        users = tf.reshape(tf.broadcast_to(inputs["user_idx"][..., None], shape) if len(inputs["item_idx"].shape) == 2
+                           else inputs["user_idx"], [-1])
+        x = numeric
+        if self.use_ids:
+            x = tf.concat([self.users(users), self.items(tf.reshape(inputs["item_idx"], [-1])), numeric], -1)
         x0 = x
         for layer in self.cross:
             x = layer(x0, x)
         for layer in self.deep:
             x = layer(x)
-        return tf.squeeze(self.logit(x), -1)
+        return tf.reshape(self.retrieval_weight * numeric[:, 0] + tf.squeeze(self.correction(x), -1), shape)
 
     def compute_loss(self, data, training=False):
         inputs, labels = data

@@ -1,0 +1,24 @@
+# Fresh machine with Python 3.11: `make run` (main job on built-in data) and `make test`.
+PYTHON ?= python3
+UV = $(PYTHON) -m uv
+
+.PHONY: setup run test test-fast bench
+
+setup: .venv/.synced
+
+.venv/.synced: pyproject.toml uv.lock
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --frozen
+	touch $@
+
+run: setup
+	.venv/bin/recflow run
+
+test: setup
+	.venv/bin/python -m pytest
+
+test-fast: setup
+	.venv/bin/python -m pytest -m "not slow"
+
+bench: setup
+	.venv/bin/python bench/quality.py ../shared/datasets/ml-latest-small

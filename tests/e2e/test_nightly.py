@@ -1,0 +1,142 @@
+"""The real nightly flow, end to end, on small synthetic data (Prefect, GE, TFRS, MLflow all real)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from schemas.config import PipelineConfig, SyntheticConfig
+from schemas.tables import RECOMMENDATIONS
+from tasks.ingest import generate_synthetic
+
+RUN_DATE = dt.date(2026, 11, 20)
+SMALL = SyntheticConfig(n_users=250, n_items=400, n_clusters=6, events_per_user=40, n_categories=12)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_config(workspace: Path, **changes) -> PipelineConfig:
+    return PipelineConfig(
+        workspace=str(workspace), run_date=RUN_DATE, top_k=10, synthetic=SMALL,
+        retrieval={"max_epochs": 8, "batch_size": 512}, **changes,
+    )
+
+
+@pytest.fixture(scope="module")
+def nightly_run(prefect_server, tmp_path_factory):
+    from flows.nightly import nightly
+
+    workspace = tmp_path_factory.mktemp("workspace")
+    summary = nightly(small_config(workspace))
+    return workspace, summary
+
+
+def test_output_table_follows_the_contract(nightly_run):
+    workspace, _ = nightly_run
+    partition = workspace / "recommendations" / f"run_date={RUN_DATE}"
+    table = pl.read_parquet(partition / "*.parquet")
+    interactions = pl.read_parquet(workspace / "snapshots" / f"run_date={RUN_DATE}" / "interactions.parquet")
+    assert table.schema == RECOMMENDATIONS
+    assert set(table["user_id"]) == set(interactions["user_id"])  # every user known to the run
+    per_user = table.group_by("user_id").agg(
+        pl.len().alias("n"), pl.col("item_id").n_unique().alias("distinct"), pl.col("rank").sort().alias("ranks"),
+        (pl.col("score").sort_by("rank").diff().drop_nulls() <= 0).all().alias("non_increasing"),
+    )
+    assert (per_user["n"] == 10).all() and (per_user["distinct"] == 10).all()
+    assert per_user["ranks"].to_list()[0] == list(range(1, 11))
+    assert per_user["non_increasing"].all()
+    assert table.join(interactions, on=["user_id", "item_id"], how="semi").is_empty()  # nothing already seen
+    assert set(table["item_id"]) <= set(generate_synthetic(SMALL, RUN_DATE, 42)[1]["item_id"])
+    assert (table["run_date"] == RUN_DATE).all()
+    assert not list(workspace.glob(".tmp/*"))  # no staged leftovers
+
+
+def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
+    from mlflow.tracking import MlflowClient
+
+    workspace, summary = nightly_run
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for metric in ("ndcg_at_10", "recall_at_10", "map_at_10", "hitrate_at_10", "mrr_at_10", "coverage_at_10",
+                   "retrieval_ndcg_at_10", "popularity_ndcg_at_10", "time_train_retrieval_s", "output_rows"):
+        assert metric in run.data.metrics, metric
+    assert run.data.params["retrieval.embedding_dim"] == "64"
+    assert run.data.tags["run_date"] == RUN_DATE.isoformat()
+    champion = client.get_model_version_by_alias("recflow-retrieval", "champion")
+    assert champion.run_id == run.info.run_id
+    assert client.get_model_version_by_alias("recflow-ranking", "champion").run_id == run.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.csv", "models", "validation"} <= artifacts
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    assert set(table["model_version"]) == {champion.version}
+    assert (workspace / "models" / run.info.run_id / "retrieval" / "saved_model.pb").exists()
+
+
+def test_retrieval_and_ranking_beat_popularity_on_planted_structure(nightly_run):
+    _, summary = nightly_run
+    assert summary["ndcg_at_10"] > 1.3 * summary["popularity_ndcg_at_10"]
+    assert summary["retrieval_ndcg_at_10"] > summary["popularity_ndcg_at_10"]
+
+
+def test_validation_failure_stops_the_run_and_keeps_the_earlier_partition(nightly_run, tmp_path):
+    from flows.nightly import nightly
+    from tasks.validate import ValidationFailed
+
+    workspace, summary = nightly_run
+    earlier = workspace / "recommendations" / f"run_date={RUN_DATE}"
+    before = _checksums(earlier)
+    broken_date = RUN_DATE + dt.timedelta(days=1)
+    source = _broken_source(tmp_path)
+    with pytest.raises(ValidationFailed, match="expect_column_values_to_be_between"):
+        nightly(small_config(workspace, source=str(source), run_date=broken_date))
+    assert _checksums(earlier) == before
+    assert not (workspace / "recommendations" / f"run_date={broken_date}").exists()
+    assert not (workspace / "features" / f"run_date={broken_date}").exists()
+    assert (workspace / "quarantine" / f"run_date={broken_date}" / "reasons.json").exists()
+
+
+def test_cli_reports_broken_input_in_one_line_with_a_nonzero_exit(tmp_path):
+    source = _broken_source(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--source", str(source), "--workspace", str(tmp_path / "ws"),
+         "--run-date", "2026-11-21"],
+        capture_output=True, text=True, cwd=ROOT, timeout=400,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("recflow: error: validation failed")
+    assert "interactions.csv" in last and "expect_column_values_to_be_between(timestamp)" in last
+    assert not (tmp_path / "ws" / "recommendations").exists()
+
+
+def test_cli_rejects_a_bad_run_date_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--run-date", "2026-13-45", "--workspace", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "recflow: error: --run-date '2026-13-45' is not a date; use YYYY-MM-DD"
+
+
+def _broken_source(directory: Path) -> Path:
+    """A generic-layout dataset with a few events dated after the run date."""
+    interactions, items = generate_synthetic(SMALL, RUN_DATE, 7)
+    future = int(dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc).timestamp())
+    broken = interactions.with_columns(
+        pl.when(pl.int_range(pl.len()) < 5).then(future).otherwise(pl.col("timestamp")).alias("timestamp")
+    )
+    source = directory / "broken"
+    source.mkdir()
+    broken.drop("event_type", "weight").write_csv(source / "interactions.csv")
+    return source
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
