@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,9 +40,11 @@ def run(
     from flows.nightly import nightly
     from tasks.workspace import RecflowError
 
+    _quiet_user_errors(RecflowError)
     try:
         summary = nightly(pipeline_config)
     except RecflowError as error:
+        logging.getLogger("prefect").setLevel(logging.WARNING)  # keep our line last
         _fail(str(error))
     typer.echo(json.dumps(summary, indent=2))
 
@@ -90,6 +93,18 @@ def _check_workspace(workspace: Path) -> None:
         probe.unlink()
     except OSError as error:
         _fail(f"workspace {workspace} is not writable: {error.strerror or error}")
+
+
+def _quiet_user_errors(user_error: type[Exception]) -> None:
+    """Prefect logs failed runs with a traceback; for errors a user caused, the message is enough."""
+
+    def drop_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], user_error):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(drop_traceback)
 
 
 def _fail(message: str) -> None:

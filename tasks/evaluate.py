@@ -137,7 +137,7 @@ def evaluate(
         )
     return ChampionDecision(
         mlflow_run_id=champion[0].run_id,
-        model_version=champion[0].version,
+        model_version=str(champion[0].version),
         models_path=champion[1],
         promoted=False,
         reason=reason,

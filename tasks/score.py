@@ -28,6 +28,8 @@ from tasks.workspace import partition, publish_dir, temp_dir, write_json, write_
 log = logging.getLogger(__name__)
 
 USERS_PER_BLOCK = 4096
+RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
+               "retrieval_score": pl.Float32}
 
 
 def recommend(
@@ -59,9 +61,12 @@ def recommend(
         block = np.sort(users[start : start + USERS_PER_BLOCK])
         exclude = _pairs_in(block, seen_users, seen_items)
         candidates, scores = retrieval.retrieve(user_map[block], histories[block], exclude, n_candidates)
+        # Users who have seen nearly the whole catalogue get fewer real candidates than N.
+        real = np.isfinite(scores)
+        scores = np.where(real, scores, np.min(scores, where=real, initial=0.0))
         inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block])
         ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
-        ranked = ranked.reshape(candidates.shape)
+        ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
         order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(candidates, order, axis=1)
         width = top.shape[1]
@@ -76,7 +81,8 @@ def recommend(
                 }
             )
         )
-    return pl.concat(frames) if frames else pl.DataFrame()
+    recs = pl.concat(frames) if frames else pl.DataFrame(schema=RECS_SCHEMA)
+    return recs.filter(pl.col("score").is_finite())
 
 
 def _index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:

@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_config(workspace: Path, **changes) -> PipelineConfig:
-    return PipelineConfig(
-        workspace=str(workspace), run_date=RUN_DATE, top_k=10, synthetic=SMALL,
-        retrieval={"max_epochs": 8, "batch_size": 512}, **changes,
-    )
+    values = {"workspace": str(workspace), "run_date": RUN_DATE, "top_k": 10, "synthetic": SMALL,
+              "retrieval": {"max_epochs": 8, "batch_size": 512}}
+    return PipelineConfig(**(values | changes))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.csv", "models", "validation"} <= artifacts
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
-    assert set(table["model_version"]) == {champion.version}
+    assert set(table["model_version"]) == {str(champion.version)}
     assert (workspace / "models" / run.info.run_id / "retrieval" / "saved_model.pb").exists()
 
 

@@ -261,20 +261,18 @@ def test_synthetic_has_no_timestamps_on_or_after_the_run_date():
 
 def test_synthetic_users_concentrate_on_few_categories_far_more_than_chance():
     interactions, items = generate_synthetic(SMALL, RUN_DATE, seed=3)
-    primary = items.select("item_id", category=pl.col("categories").list.first())
+    events = interactions.join(items.select("item_id", category=pl.col("categories").list.first()), on="item_id")
 
-    def top_two_share(events: pl.DataFrame) -> float:
-        counts = events.join(primary, on="item_id").group_by("user_id", "category").len()
-        top_two = counts.sort("len", descending=True).group_by("user_id").head(2).group_by("user_id").agg(pl.sum("len"))
-        return top_two["len"].sum() / events.height
+    # Probability that two events drawn from the same user share a primary category,
+    # against two events drawn from everyone (what it would be without user clusters).
+    per_user = events.group_by("user_id", "category").len().group_by("user_id").agg(
+        same=(pl.col("len") * (pl.col("len") - 1)).sum(), pairs=pl.sum("len") * (pl.sum("len") - 1)
+    )
+    within_user = per_user["same"].sum() / per_user["pairs"].sum()
+    share = events.group_by("category").len()["len"].to_numpy() / events.height
+    chance = float((share**2).sum())
 
-    observed = top_two_share(interactions)
-    rng = np.random.default_rng(0)
-    shuffled = interactions.with_columns(pl.Series("item_id", rng.permutation(interactions["item_id"].to_numpy())))
-    chance = top_two_share(shuffled)
-
-    assert observed > 0.5
-    assert observed > 2 * chance
+    assert within_user > 2.5 * chance
 
 
 # --- GroupLens download --------------------------------------------------------------
@@ -309,7 +307,7 @@ def grouplens(tmp_path, monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     cache = tmp_path / "cache"
     monkeypatch.setenv("RECFLOW_MOVIELENS_URL", f"http://127.0.0.1:{server.server_address[1]}")

@@ -1,0 +1,168 @@
+"""Ranking metrics against hand-computed values, and brute-force top-N retrieval."""
+
+from __future__ import annotations
+
+from math import log2
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tasks.evaluate import ranking_metrics
+from tasks.retrieval import retrieve
+
+
+def recs_table(lists: dict[int, list[int]]) -> pl.DataFrame:
+    rows = [(user, item, rank) for user, items in lists.items() for rank, item in enumerate(items, start=1)]
+    return pl.DataFrame(rows, schema=["user", "item", "rank"], orient="row")
+
+
+def truth_table(relevant: dict[int, list[int]]) -> pl.DataFrame:
+    rows = [(user, item) for user, items in relevant.items() for item in items]
+    return pl.DataFrame(rows, schema=["user", "item"], orient="row")
+
+
+# k = 3 over a catalogue of 10 items.
+#   user 1: relevant {1, 2}; list 5, 1, 2        -> hits at ranks 2 and 3
+#   user 2: relevant {3, 4, 6, 7}; list 3, 9, 4, 6 -> hits at ranks 1 and 3 (rank 4 is past k)
+#   user 3: relevant {8}; no list               -> all zeros
+#   user 4: no relevant items; list 2           -> only counts towards coverage
+RECS = recs_table({1: [5, 1, 2], 2: [3, 9, 4, 6], 4: [2]})
+TRUTH = truth_table({1: [1, 2], 2: [3, 4, 6, 7], 3: [8]})
+
+
+def test_metrics_match_hand_computed_values():
+    metrics = ranking_metrics(RECS, TRUTH, k=3, n_items=10)
+
+    ndcg_1 = (1 / log2(3) + 1 / log2(4)) / (1 + 1 / log2(3))  # ideal: 2 relevant
+    ndcg_2 = (1 / log2(2) + 1 / log2(4)) / (1 + 1 / log2(3) + 1 / log2(4))  # ideal: min(3, 4)
+    assert metrics["recall"] == pytest.approx((2 / 2 + 2 / 3 + 0) / 3, abs=1e-12)
+    assert metrics["ndcg"] == pytest.approx((ndcg_1 + ndcg_2 + 0) / 3, abs=1e-12)
+    assert metrics["map"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + (1 / 1 + 2 / 3) / 3 + 0) / 3, abs=1e-12)
+    assert metrics["hitrate"] == pytest.approx(2 / 3, abs=1e-12)
+    assert metrics["mrr"] == pytest.approx((1 / 2 + 1 / 1 + 0) / 3, abs=1e-12)
+    assert metrics["coverage"] == pytest.approx(6 / 10, abs=1e-12)  # {5, 1, 2, 3, 9, 4}
+
+
+def test_metrics_to_the_digit():
+    metrics = ranking_metrics(RECS, TRUTH, k=3, n_items=10)
+
+    assert round(metrics["recall"], 6) == 0.555556
+    assert round(metrics["ndcg"], 6) == 0.465781
+    assert round(metrics["map"], 6) == 0.37963
+    assert round(metrics["mrr"], 6) == 0.5
+
+
+def test_recall_divides_by_k_when_more_items_are_relevant_than_k():
+    recs = recs_table({1: [1, 2]})
+    truth = truth_table({1: [1, 2, 3, 4, 5]})
+
+    metrics = ranking_metrics(recs, truth, k=2, n_items=5)
+
+    assert metrics["recall"] == 1.0
+    assert metrics["ndcg"] == pytest.approx(1.0)
+    assert metrics["map"] == pytest.approx(1.0)
+
+
+def test_a_perfect_list_scores_one_everywhere():
+    recs = recs_table({1: [4, 2], 2: [1]})
+    truth = truth_table({1: [2, 4], 2: [1]})
+
+    metrics = ranking_metrics(recs, truth, k=2, n_items=4)
+
+    assert {name: metrics[name] for name in ("recall", "ndcg", "map", "hitrate", "mrr")} == pytest.approx(
+        {"recall": 1.0, "ndcg": 1.0, "map": 1.0, "hitrate": 1.0, "mrr": 1.0}
+    )
+    assert metrics["coverage"] == 3 / 4
+
+
+def test_a_user_with_truth_but_no_recommendations_counts_as_all_zeros():
+    recs = recs_table({1: [7]})
+    truth = truth_table({1: [7], 2: [7]})
+
+    metrics = ranking_metrics(recs, truth, k=5, n_items=10)
+
+    assert {name: metrics[name] for name in ("recall", "ndcg", "map", "hitrate", "mrr")} == pytest.approx(
+        {"recall": 0.5, "ndcg": 0.5, "map": 0.5, "hitrate": 0.5, "mrr": 0.5}
+    )
+
+
+def test_no_recommendations_at_all_scores_zero():
+    recs = pl.DataFrame(schema={"user": pl.Int64, "item": pl.Int64, "rank": pl.Int64})
+    truth = truth_table({1: [1], 2: [2, 3]})
+
+    metrics = ranking_metrics(recs, truth, k=10, n_items=10)
+
+    assert metrics == {"recall": 0.0, "ndcg": 0.0, "map": 0.0, "hitrate": 0.0, "mrr": 0.0, "coverage": 0.0}
+
+
+def test_relevant_items_listed_twice_count_once():
+    recs = recs_table({1: [1, 9]})
+    truth = truth_table({1: [1, 1, 2]})
+
+    metrics = ranking_metrics(recs, truth, k=2, n_items=10)
+
+    assert metrics["recall"] == pytest.approx(1 / 2)
+
+
+# --- retrieve ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embeddings():
+    rng = np.random.default_rng(7)
+    queries = rng.normal(size=(9, 4)).astype(np.float32)
+    items = rng.normal(size=(31, 4)).astype(np.float32)  # row 0 = padding, 30 real items
+    items[0] = queries.sum(axis=0) * 100  # padding would win every list if it were scored
+    scores = queries @ items.T
+    scores[:, 0] = -np.inf
+    best = np.argsort(-scores, axis=1)[:, :3]
+    exclude_rows = np.repeat(np.arange(9), 3)[::-1].copy()  # unsorted on purpose
+    exclude_items = best.ravel()[::-1].copy()
+    return queries, items, (exclude_rows, exclude_items)
+
+
+def test_retrieve_returns_the_top_items_in_descending_score_order(embeddings):
+    queries, items, exclude = embeddings
+
+    top, scores = retrieve(queries, items, exclude, n=5)
+
+    full = queries @ items.T
+    for row in range(queries.shape[0]):
+        allowed = [item for item in np.argsort(-full[row]) if item != 0 and item not in exclude[1][exclude[0] == row]]
+        assert top[row].tolist() == allowed[:5]
+        assert scores[row] == pytest.approx(full[row, top[row]], rel=1e-5)
+        assert np.all(np.diff(scores[row]) <= 0)
+
+
+def test_retrieve_never_returns_the_padding_item_or_excluded_pairs(embeddings):
+    queries, items, exclude = embeddings
+
+    top, _ = retrieve(queries, items, exclude, n=20)
+
+    assert not np.any(top == 0)
+    returned = {(row, item) for row in range(top.shape[0]) for item in top[row]}
+    assert returned.isdisjoint(zip(exclude[0].tolist(), exclude[1].tolist()))
+    assert all(len(set(row)) == row.size for row in top)
+
+
+def test_retrieve_gives_the_same_result_one_row_at_a_time_as_in_one_block(embeddings):
+    queries, items, exclude = embeddings
+
+    one_by_one = retrieve(queries, items, exclude, n=6, block=1)
+    blocks_of_four = retrieve(queries, items, exclude, n=6, block=4)
+    all_at_once = retrieve(queries, items, exclude, n=6, block=1024)
+
+    for result in (one_by_one, blocks_of_four):
+        np.testing.assert_array_equal(result[0], all_at_once[0])
+        np.testing.assert_allclose(result[1], all_at_once[1], rtol=1e-6)  # BLAS sums blocks differently
+
+
+def test_retrieve_asks_for_at_most_the_catalogue():
+    queries = np.ones((2, 1), np.float32)
+    items = np.array([[100.0], [1.0], [3.0], [2.0]], np.float32)
+
+    top, scores = retrieve(queries, items, (np.array([], np.int64), np.array([], np.int64)), n=10)
+
+    assert top.tolist() == [[2, 3, 1], [2, 3, 1]]
+    assert scores.tolist() == [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
