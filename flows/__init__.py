@@ -4,3 +4,7 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 # Prefect's ephemeral server migrates its database on first start: slow on 2 cores.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import logging  # noqa: E402
+
+logging.getLogger("tasks").setLevel(logging.INFO)

@@ -6,7 +6,6 @@ ingest -> validate -> features -> train_retrieval -> train_ranking -> evaluate -
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact

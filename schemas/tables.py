@@ -23,15 +23,12 @@ INTERACTIONS = pl.Schema(
 )
 INTERACTIONS_REQUIRED = ("user_id", "item_id", "timestamp")
 ITEMS = pl.Schema({"item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String)})
-USERS = pl.Schema({"user_id": pl.String})
 
 # Feature tables (features/run_date=.../). Index 0 is padding / unknown in both vocabularies.
 SPLITS = ("fit", "valid", "test")
 EVENTS = pl.Schema(
     {"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64, "split": pl.Enum(list(SPLITS))}
 )
-USER_VOCAB = pl.Schema({"user_id": pl.String, "user_idx": pl.Int32})
-ITEM_VOCAB = pl.Schema({"item_id": pl.String, "item_idx": pl.Int32, "title": pl.String, "popularity": pl.Int64})
 
 # THE output table (recommendations/run_date=.../part-*.parquet), as DESIGN.md fixes it.
 RECOMMENDATIONS = pl.Schema(

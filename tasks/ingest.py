@@ -27,7 +27,7 @@ import polars as pl
 from prefect import task
 
 from schemas.config import SyntheticConfig
-from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, Snapshot
+from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
 from tasks.workspace import RecflowError, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def normalise_items(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
             pl.element().str.strip_chars().filter(pl.element() != "")
         )
     extra = [c for c in frame.columns if c not in ("item_id", "title", "categories")]
-    return frame.select(pl.col("item_id").cast(pl.String), title, categories, *extra)
+    return frame.select(pl.col("item_id").cast(pl.String), title, categories, *extra).cast(dict(ITEMS))
 
 
 # --- GroupLens archives --------------------------------------------------------------

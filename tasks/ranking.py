@@ -21,7 +21,7 @@ from prefect import task
 
 from schemas.config import FeatureConfig, RankingConfig, RetrievalConfig
 from schemas.tables import FeatureSet, TrainedModel
-from tasks.features import Features, load_features, user_histories
+from tasks.features import load_features, user_histories
 from tasks.retrieval import RetrievalBundle, rows_of
 
 log = logging.getLogger(__name__)

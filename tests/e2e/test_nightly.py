@@ -139,3 +139,24 @@ def _broken_source(directory: Path) -> Path:
 
 def _checksums(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(nightly_run):
+    from mlflow.tracking import MlflowClient
+
+    from flows.nightly import nightly
+
+    workspace, first = nightly_run
+    next_date = RUN_DATE + dt.timedelta(days=2)
+    weak = small_config(workspace, run_date=next_date, retrieval={"max_epochs": 1, "learning_rate": 1e-7})
+    summary = nightly(weak)
+    assert summary["promoted"] is False
+    assert "does not beat champion v1" in summary["champion"]
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.get_model_version_by_alias("recflow-retrieval", "champion").run_id == first["mlflow_run_id"]
+    assert client.get_model_version("recflow-retrieval", "2").run_id == summary["mlflow_run_id"]
+    assert client.get_run(summary["mlflow_run_id"]).data.tags["promoted"] == "false"
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={next_date}" / "*.parquet")
+    assert set(table["model_version"]) == {"1"}
+    assert table.group_by("user_id").len()["len"].unique().to_list() == [10]

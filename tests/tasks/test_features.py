@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 

@@ -9,7 +9,6 @@ import threading
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 

@@ -1,0 +1,93 @@
+"""Validation: real Great Expectations suites gate the snapshot; failures name what broke."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from schemas.config import SyntheticConfig, ValidationConfig
+from tasks.ingest import generate_synthetic, ingest
+from tasks.validate import ValidationFailed, validate
+
+RUN_DATE = dt.date(2026, 11, 20)
+SMALL = SyntheticConfig(n_users=60, n_items=80, n_clusters=3, events_per_user=12, n_categories=6)
+
+
+def write_source(directory: Path, interactions: pl.DataFrame, items: pl.DataFrame | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    interactions.drop("event_type", "weight", strict=False).write_csv(directory / "interactions.csv")
+    if items is not None:
+        items.with_columns(pl.col("categories").list.join("|")).write_csv(directory / "items.csv")
+    return directory
+
+
+def run(tmp_path: Path, interactions: pl.DataFrame, items: pl.DataFrame | None = None, **cfg):
+    source = write_source(tmp_path / "source", interactions, items)
+    snapshot = ingest(str(source), RUN_DATE, tmp_path / "ws", SMALL, seed=0)
+    return validate(snapshot, tmp_path / "ws", RUN_DATE, ValidationConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return generate_synthetic(SMALL, RUN_DATE, 3)
+
+
+def test_valid_input_is_published_with_results_and_data_docs(tmp_path, clean):
+    interactions, items = clean
+    published, failures = run(tmp_path, interactions, items)
+    assert failures == []
+    partition = tmp_path / "ws" / "snapshots" / f"run_date={RUN_DATE}"
+    assert published.path == partition
+    assert (partition / "interactions.parquet").exists() and (partition / "items.parquet").exists()
+    result = json.loads((partition / "validation" / "interactions.json").read_text())
+    assert result["success"] is True and result["statistics"]["evaluated_expectations"] >= 15
+    assert (partition / "validation" / "docs" / "index.html").exists()
+    assert list((partition / "validation" / "docs" / "validations").rglob("*.html"))
+    assert not list((tmp_path / "ws" / ".tmp").iterdir())
+
+
+def test_out_of_range_ratings_fail_naming_the_expectation_file_and_values(tmp_path, clean):
+    interactions, items = clean
+    broken = interactions.with_columns(
+        pl.when(pl.int_range(pl.len()) < 3).then(9.5).otherwise(pl.col("rating")).alias("rating")
+    )
+    with pytest.raises(ValidationFailed) as error:
+        run(tmp_path, broken, items)
+    message = str(error.value)
+    assert "interactions.csv: expect_column_values_to_be_between(rating): 3 offending row(s)" in message
+    assert "9.5" in message
+    assert not (tmp_path / "ws" / "snapshots").exists()
+    quarantine = tmp_path / "ws" / "quarantine" / f"run_date={RUN_DATE}"
+    reasons = json.loads((quarantine / "reasons.json").read_text())
+    assert [r["expectation"] for r in reasons] == ["expect_column_values_to_be_between"]
+    assert (quarantine / "interactions.parquet").exists()
+
+
+def test_interactions_with_items_missing_from_the_items_table_fail(tmp_path, clean):
+    interactions, items = clean
+    broken = pl.concat([interactions, interactions.head(2).with_columns(pl.lit("ghost").alias("item_id"))])
+    with pytest.raises(ValidationFailed, match=r"expect_column_values_to_be_in_set\(item_id\).*ghost"):
+        run(tmp_path, broken, items)
+
+
+def test_a_flood_of_duplicate_events_fails_the_duplicate_rate(tmp_path, clean):
+    interactions, items = clean
+    flooded = pl.concat([interactions, interactions.head(interactions.height // 5)])
+    with pytest.raises(ValidationFailed, match=r"expect_compound_columns_to_be_unique\(user_id,item_id,timestamp\)"):
+        run(tmp_path, flooded, items)
+
+
+def test_duplicate_item_ids_in_the_items_table_fail(tmp_path, clean):
+    interactions, items = clean
+    with pytest.raises(ValidationFailed, match=r"items.csv: expect_column_values_to_be_unique\(item_id\)"):
+        run(tmp_path, interactions, pl.concat([items, items.head(1)]))
+
+
+def test_too_few_users_fail_the_minimum(tmp_path, clean):
+    interactions, _ = clean
+    with pytest.raises(ValidationFailed, match=r"expect_column_unique_value_count_to_be_between\(user_id\)"):
+        run(tmp_path, interactions, None, min_users=1000)
