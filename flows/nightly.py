@@ -51,7 +51,7 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
         )
         ranking = timed(
             "train_ranking", train_ranking_task, feature_set, retrieval.path, models / "ranking",
-            config.ranking, config.retrieval, config.features, config.seed,
+            config.ranking, config.retrieval, config.seed,
         )
         decision = timed("evaluate", evaluate_task, feature_set, models, run_id, workspace, config.retrieval.candidates)
         scored = timed(

@@ -158,8 +158,7 @@ def _popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarr
 
 def _retrieval_lists(models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
     bundle = RetrievalBundle.load(models / "retrieval")
-    length = int(bundle.saved_model.signatures["query"].structured_input_signature[1]["history"].shape[1])
-    history = user_histories(visible, features.n_users, length)[users]
+    history = user_histories(visible, features.n_users, bundle.history_length)[users]
     top, _ = bundle.retrieve(users.astype(np.int32), history, rows_of(users, visible), CUTOFF)
     return as_table(users, top)
 

@@ -3,10 +3,11 @@
 Fifth stage of the nightly DAG. For each user with `valid` events it takes the retrieval
 model's top-N candidates (querying with the `fit` history, as at serving time) and learns
 which of them the user really picked next: positives are the candidates among the user's
-`valid` items, negatives the other candidates (hard negatives from the model's own list).
-Features: user and item ids, the retrieval score and rank, item popularity and the user's
-activity; DCN-v2 cross layers model their interactions. Exported as a SavedModel with one
-`score` signature.
+`valid` items, negatives the other candidates (hard negatives from the model's own list),
+with a listwise softmax loss over each user's list, as the top-K metrics judge it.
+Features: the retrieval score and rank, item popularity and the user's activity (and,
+optionally, user and item id embeddings); DCN-v2 cross layers model their interactions.
+Exported as a SavedModel with one `score` signature.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import polars as pl
 from prefect import task
 
-from schemas.config import FeatureConfig, RankingConfig, RetrievalConfig
+from schemas.config import RankingConfig, RetrievalConfig
 from schemas.tables import FeatureSet, TrainedModel
 from tasks.features import load_features, user_histories
 from tasks.retrieval import RetrievalBundle, rows_of
@@ -33,7 +34,6 @@ def train_ranking(
     out: Path,
     cfg: RankingConfig,
     retrieval_cfg: RetrievalConfig,
-    features_cfg: FeatureConfig,
     seed: int,
 ) -> TrainedModel:
     """Train the ranker on retrieval candidates of `valid` users and export it to `out`."""
@@ -46,29 +46,27 @@ def train_ranking(
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
     users = np.unique(valid["user_idx"].to_numpy()).astype(np.int32)
-    history = user_histories(fit, features.n_users, features_cfg.history_length)[users]
     bundle = RetrievalBundle.load(retrieval_path)
-    candidates, scores = bundle.retrieve(users, history, rows_of(users, fit), retrieval_cfg.candidates)
+    recent = user_histories(fit, features.n_users, bundle.history_length)[users]
+    candidates, scores = bundle.retrieve(users, recent, rows_of(users, fit), retrieval_cfg.candidates)
     activity = np.bincount(fit["user_idx"].to_numpy(), minlength=features.n_users + 1)[users]
     inputs = candidate_features(users, candidates, scores, features.item_popularity, activity)
-    positive = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"), pl.lit(1.0).alias("label"))
+    picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"), pl.lit(1.0).alias("label"))
     labels = (
         pl.DataFrame({"user": inputs["user_idx"], "item": inputs["item_idx"]})
-        .join(positive, on=["user", "item"], how="left")["label"]
+        .join(picked, on=["user", "item"], how="left")["label"]
         .fill_null(0.0)
         .to_numpy()
-        .astype(np.float32)
+        .reshape(candidates.shape)
     )
-    # One example per user: its candidate list, positives weighted to sum to one.
-    n = candidates.shape[1]
-    labels = labels.reshape(-1, n)
+    # One example per user: its candidate list, with the picked items sharing a target mass of one.
     keep = labels.sum(axis=1) > 0
     lists = {
         "user_idx": users[keep],
-        "item_idx": inputs["item_idx"].reshape(-1, n)[keep],
-        "numeric": inputs["numeric"].reshape(users.size, n, -1)[keep],
+        "item_idx": candidates[keep].astype(np.int32),
+        "numeric": inputs["numeric"].reshape(*candidates.shape, -1)[keep],
     }
-    targets = labels[keep] / labels[keep].sum(axis=1, keepdims=True)
+    targets = (labels[keep] / labels[keep].sum(axis=1, keepdims=True)).astype(np.float32)
     model = towers.Ranker(features, cfg)
     model.adapt(lists)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
@@ -111,7 +109,6 @@ def train_ranking_task(
     out: Path,
     cfg: RankingConfig,
     retrieval_cfg: RetrievalConfig,
-    features_cfg: FeatureConfig,
     seed: int,
 ) -> TrainedModel:
-    return train_ranking(feature_set, retrieval_path, out, cfg, retrieval_cfg, features_cfg, seed)
+    return train_ranking(feature_set, retrieval_path, out, cfg, retrieval_cfg, seed)

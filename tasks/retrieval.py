@@ -125,6 +125,10 @@ class RetrievalBundle:
         items = saved_model.signatures["candidates"](tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy()
         return cls(saved_model, items)
 
+    @property
+    def history_length(self) -> int:
+        return int(self.saved_model.signatures["query"].structured_input_signature[1]["history"].shape[1])
+
     def queries(self, user_idx: np.ndarray, history: np.ndarray, block: int = 8192) -> np.ndarray:
         signature = self.saved_model.signatures["query"]
         parts = [

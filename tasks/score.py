@@ -51,8 +51,7 @@ def recommend(
     popularity = np.load(vocab / "item_popularity.npy")
     retrieval = RetrievalBundle.load(models / "retrieval")
     ranker = tf.saved_model.load(str(models / "ranking")).signatures["score"]
-    length = int(retrieval.saved_model.signatures["query"].structured_input_signature[1]["history"].shape[1])
-    histories = item_map[user_histories(history, features.n_users, length)]
+    histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
     n_candidates = max(n_candidates, k)
