@@ -54,11 +54,11 @@ class FeatureConfig(_Section):
 
 class RetrievalConfig(_Section):
     embedding_dim: int = Field(64, ge=4)
-    batch_size: int = Field(1024, ge=8)
-    learning_rate: float = Field(0.005, gt=0)
+    batch_size: int = Field(256, ge=8)
+    learning_rate: float = Field(0.002, gt=0)
     max_epochs: int = Field(15, ge=1)
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
-    temperature: float = Field(0.1, gt=0)
+    temperature: float = Field(0.2, gt=0)
     l2: float = Field(0.0, ge=0)
     candidates: int = Field(100, ge=1, description="top-N candidates handed to the ranker per user")
 

@@ -5,8 +5,9 @@ model's top-N candidates (querying with the `fit` history, as at serving time) a
 which of them the user really picked next: positives are the candidates among the user's
 `valid` items, negatives the other candidates (hard negatives from the model's own list),
 with a listwise softmax loss over each user's list, as the top-K metrics judge it.
-Features: the retrieval score and rank, item popularity and the user's activity (and,
-optionally, user and item id embeddings); DCN-v2 cross layers model their interactions.
+Features: the retrieval score and rank, item popularity, the user's activity and the
+candidate's recency-weighted co-occurrence with the user's history (and, optionally, user
+and item id embeddings); DCN-v2 cross layers model their interactions.
 Exported as a SavedModel with one `score` signature.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 from prefect import task
 
 from schemas.config import RankingConfig, RetrievalConfig
@@ -50,7 +52,9 @@ def train_ranking(
     recent = user_histories(fit, features.n_users, bundle.history_length)[users]
     candidates, scores = bundle.retrieve(users, recent, rows_of(users, fit), retrieval_cfg.candidates)
     activity = np.bincount(fit["user_idx"].to_numpy(), minlength=features.n_users + 1)[users]
-    inputs = candidate_features(users, candidates, scores, features.item_popularity, activity)
+    similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), features.n_items)
+    together = cooccurrence(similarity, recent, candidates)
+    inputs = candidate_features(users, candidates, scores, features.item_popularity, activity, together)
     picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"), pl.lit(1.0).alias("label"))
     labels = (
         pl.DataFrame({"user": inputs["user_idx"], "item": inputs["item_idx"]})
@@ -79,12 +83,18 @@ def train_ranking(
 
 
 def candidate_features(
-    user_idx: np.ndarray, candidates: np.ndarray, scores: np.ndarray, item_popularity: np.ndarray, activity: np.ndarray
+    user_idx: np.ndarray,
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    item_popularity: np.ndarray,
+    activity: np.ndarray,
+    together: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The ranker's inputs for each (user, candidate) pair, flattened row-major.
 
-    `candidates` and `scores` are (users x N) from retrieval; `activity` is each user's
-    number of history events; `item_popularity` is indexed by item.
+    `candidates`, `scores` and `together` (co-occurrence with the user's recent history)
+    are (users x N); `activity` is each user's number of history events; `item_popularity`
+    is indexed by item.
     """
     n = candidates.shape[1]
     return {
@@ -96,10 +106,52 @@ def candidate_features(
                 np.log1p(np.tile(np.arange(n), user_idx.size)),
                 np.log1p(item_popularity[candidates.ravel()]),
                 np.log1p(np.repeat(activity, n)),
+                together.ravel(),
             ],
             axis=1,
         ).astype(np.float32),
     }
+
+
+def item_similarity(users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0) -> sp.csr_matrix:
+    """Item-item cosine similarity of co-occurrence in user histories, shrunk towards zero.
+
+    A classical collaborative signal (item-kNN) the ranker gets as a feature. Row and
+    column 0 (padding / unknown) stay empty.
+    """
+    keep = items > 0
+    matrix = sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (users[keep], items[keep])),
+        shape=(int(users.max(initial=0)) + 1, n_items + 1),
+    )
+    matrix.data[:] = 1.0  # repeated events count once
+    together = (matrix.T @ matrix).tocsr()
+    norms = np.sqrt(together.diagonal())
+    together.setdiag(0.0)
+    together.eliminate_zeros()
+    rows = np.repeat(np.arange(together.shape[0]), np.diff(together.indptr))
+    together.data = (together.data / (norms[rows] * norms[together.indices] + shrink)).astype(np.float32)
+    return together
+
+
+def cooccurrence(
+    similarity: sp.csr_matrix, recent: np.ndarray, candidates: np.ndarray, half_life: float = 5.0, block: int = 1024
+) -> np.ndarray:
+    """Recency-weighted similarity of each candidate to the user's history (newest first).
+
+    An item's weight halves every `half_life` later events, as in recency-weighted EASE.
+    """
+    weights = np.power(0.5, np.arange(recent.shape[1]) / half_life).astype(np.float32)
+    result = np.zeros(candidates.shape, dtype=np.float32)
+    for start in range(0, recent.shape[0], block):
+        chunk = recent[start : start + block]
+        rows, positions = np.nonzero(chunk)
+        history = sp.csr_matrix(
+            (weights[positions], (rows, chunk[rows, positions])), shape=(chunk.shape[0], similarity.shape[0])
+        )
+        scores = (history @ similarity).toarray()
+        result[start : start + block] = np.take_along_axis(scores, candidates[start : start + block], axis=1)
+    return result
 
 
 @task(name="train_ranking")

@@ -21,13 +21,13 @@ from prefect import task
 
 from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable
 from tasks.features import Features, load_features, user_histories
-from tasks.ranking import candidate_features
+from tasks.ranking import candidate_features, cooccurrence, item_similarity
 from tasks.retrieval import RetrievalBundle
 from tasks.workspace import partition, publish_dir, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-USERS_PER_BLOCK = 4096
+USERS_PER_BLOCK = 1024
 RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
                "retrieval_score": pl.Float32}
 
@@ -54,6 +54,7 @@ def recommend(
     histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
+    similarity = item_similarity(seen_users, seen_items, model_items.height)
     n_candidates = max(n_candidates, k)
     frames = []
     for start in range(0, users.size, USERS_PER_BLOCK):
@@ -63,7 +64,8 @@ def recommend(
         # Users who have seen nearly the whole catalogue get fewer real candidates than N.
         real = np.isfinite(scores)
         scores = np.where(real, scores, np.min(scores, where=real, initial=0.0))
-        inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block])
+        together = cooccurrence(similarity, histories[block], candidates)
+        inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block], together)
         ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
         ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
         order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
