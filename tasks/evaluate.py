@@ -89,9 +89,9 @@ def evaluate(
     users = np.unique(test["user_idx"].to_numpy())
 
     table = {
-        "popularity": _popularity_lists(features, visible, users),
-        "retrieval": _retrieval_lists(models, features, visible, users),
-        "retrieval+ranking": _model_lists(models, features, visible, users, n_candidates),
+        "popularity": popularity_lists(features, visible, users),
+        "retrieval": retrieval_lists(models, features, visible, users),
+        "retrieval+ranking": model_lists(models, features, visible, users, n_candidates),
     }
     results = {name: ranking_metrics(recs, truth, CUTOFF, features.n_items) for name, recs in table.items()}
     client = _client(workspace)
@@ -114,7 +114,7 @@ def evaluate(
     if champion is None:
         promote, reason, champion_ndcg = True, "no champion yet", None
     else:
-        champion_recs = _model_lists(champion[1], features, visible, users, n_candidates)
+        champion_recs = model_lists(champion[1], features, visible, users, n_candidates)
         champion_ndcg = ranking_metrics(champion_recs, truth, CUTOFF, features.n_items)["ndcg"]
         promote = new_ndcg > champion_ndcg
         reason = (
@@ -149,21 +149,23 @@ def _metric_prefix(model: str) -> str:
     return {"retrieval+ranking": "", "retrieval": "retrieval_", "popularity": "popularity_"}[model]
 
 
-def _popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
+def popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
     counts = np.bincount(visible["item_idx"].to_numpy(), minlength=features.n_items + 1).astype(np.float32)
     exclude = rows_of(users, visible)
     top, _ = retrieve(np.ones((users.size, 1), np.float32), counts[:, None], exclude, CUTOFF)
     return as_table(users, top)
 
 
-def _retrieval_lists(models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
+def retrieval_lists(
+    models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF
+) -> pl.DataFrame:
     bundle = RetrievalBundle.load(models / "retrieval")
     history = user_histories(visible, features.n_users, bundle.history_length)[users]
-    top, _ = bundle.retrieve(users.astype(np.int32), history, rows_of(users, visible), CUTOFF)
+    top, _ = bundle.retrieve(users.astype(np.int32), history, rows_of(users, visible), k)
     return as_table(users, top)
 
 
-def _model_lists(models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int) -> pl.DataFrame:
+def model_lists(models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int) -> pl.DataFrame:
     recs = recommend(models, features, users, visible, n, CUTOFF)
     return recs.join(features.items.select("item_id", "item_idx"), on="item_id", how="left").select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").fill_null(-1).alias("item"), "rank"
