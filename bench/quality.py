@@ -146,7 +146,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     print("| model | NDCG@10 | Recall@10 | seconds |\n|---|---|---|---|")
     for name, values in sorted(results.items(), key=lambda item: item[1]["ndcg"]):
-        print(f"| {name} | {values['ndcg']:.4f} | {values['recall']:.4f} | {values['seconds']:.0f} |")
+        seconds = f"{values['seconds']:.0f}" if "seconds" in values else "-"
+        print(f"| {name} | {values['ndcg']:.4f} | {values['recall']:.4f} | {seconds} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +55,9 @@ class FeatureConfig(_Section):
 
 class RetrievalConfig(_Section):
     embedding_dim: int = Field(64, ge=4)
+    history_encoder: Literal["attention", "transformer", "gru"] = Field(
+        "attention", description="how the query tower reads the history: attention pooling, self-attention, GRU"
+    )
     batch_size: int = Field(256, ge=8)
     learning_rate: float = Field(0.002, gt=0)
     max_epochs: int = Field(15, ge=1)

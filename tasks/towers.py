@@ -43,15 +43,27 @@ class ItemEncoder(keras.layers.Layer):
 
 
 class QueryTower(keras.Model):
-    """A user as their id, attention over their recent history (newest first) and their latest item."""
+    """A user as their id, their encoded recent history (newest first) and their latest item.
 
-    def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, l2: float = 0.0):
+    `encoder` picks how the history is read: "attention" pools item representations plus
+    position embeddings with learned attention weights; "transformer" first runs a
+    self-attention block over them (each item sees the others); "gru" reads them oldest
+    to newest with a GRU.
+    """
+
+    def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, encoder: str, l2: float = 0.0):
         super().__init__(name="query_tower")
         regulariser = keras.regularizers.l2(l2) if l2 else None
         self.items = items
         self.length = length
+        self.encoder = encoder
         self.users = keras.layers.Embedding(n_users + 1, dim, embeddings_regularizer=regulariser)
         self.positions = keras.layers.Embedding(length, dim)
+        if encoder == "transformer":
+            self.self_attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=dim // 2)
+            self.norm = keras.layers.LayerNormalization()
+        if encoder == "gru":
+            self.gru = keras.layers.GRU(dim)
         self.attention = keras.layers.Dense(1)
         self.project = keras.layers.Dense(dim)
 
@@ -60,12 +72,20 @@ class QueryTower(keras.Model):
         # Encode each distinct history item once per batch: histories repeat items heavily.
         distinct, position = tf.unique(tf.reshape(history, [-1]))
         items = tf.reshape(tf.gather(self.items(distinct), position), [-1, self.length, self.items.dim])
-        keys = items + self.positions(tf.range(self.length))[None]
-        logits = tf.squeeze(self.attention(keys), -1) + tf.where(history > 0, 0.0, -1e9)
-        any_history = tf.cast(tf.reduce_any(history > 0, -1, keepdims=True), tf.float32)
-        weights = tf.nn.softmax(logits, axis=-1) * any_history
-        pooled = tf.reduce_sum(items * weights[..., None], axis=1)
-        return self.project(tf.concat([self.users(inputs["user_idx"]), pooled, items[:, 0]], axis=-1))
+        present = history > 0
+        if self.encoder == "gru":
+            encoded = self.gru(tf.reverse(items, [1]), mask=tf.reverse(present, [1]))
+        else:
+            keys = items + self.positions(tf.range(self.length))[None]
+            values = items
+            if self.encoder == "transformer":
+                pair_mask = present[:, None, :] & present[:, :, None]
+                keys = values = self.norm(keys + self.self_attention(keys, keys, attention_mask=pair_mask))
+            logits = tf.squeeze(self.attention(keys), -1) + tf.where(present, 0.0, -1e9)
+            any_history = tf.cast(tf.reduce_any(present, -1, keepdims=True), tf.float32)
+            weights = tf.nn.softmax(logits, axis=-1) * any_history
+            encoded = tf.reduce_sum(values * weights[..., None], axis=1)
+        return self.project(tf.concat([self.users(inputs["user_idx"]), encoded, items[:, 0]], axis=-1))
 
 
 class CandidateTower(keras.Model):
@@ -105,7 +125,7 @@ class TwoTower(DenseGradientsModel):
         super().__init__()
         self.history_length = length
         items = ItemEncoder(features, cfg.embedding_dim, cfg.l2)
-        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.l2)
+        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.history_encoder, cfg.l2)
         self.candidate_model = CandidateTower(items)
         self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
 
