@@ -1,0 +1,109 @@
+"""Seeded hyper-parameter search for the default config, on visible data only.
+
+Tries the current defaults and `--trials - 1` configurations drawn from a small grid with a
+fixed seed, and scores each with
+the pipeline's own stages (features, retrieval, ranking) on the pipeline's own held-out
+split of the *visible* part of the quality protocol, so the hidden part that
+bench/quality.py scores never influences the choice. Configurations whose training takes
+longer than `--budget` seconds are not eligible (the nightly run must stay under 3 minutes).
+The best one is printed and written as JSON; commit it into schemas/config.py by hand.
+
+    python bench/tune.py ../shared/datasets/ml-latest-small --trials 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import RUN_DATE, load, split  # noqa: E402
+from schemas.config import PipelineConfig  # noqa: E402
+from tasks.evaluate import CUTOFF, model_lists, ranking_metrics  # noqa: E402
+from tasks.features import build_features, load_features  # noqa: E402
+from tasks.ingest import ingest  # noqa: E402
+from tasks.ranking import train_ranking  # noqa: E402
+from tasks.retrieval import train_retrieval  # noqa: E402
+
+GRID = {
+    "retrieval.history_encoder": ["attention", "transformer"],
+    "retrieval.batch_size": [256, 512],
+    "retrieval.learning_rate": [0.002, 0.003],
+    "retrieval.temperature": [0.1, 0.2],
+    "features.history_length": [20, 30],
+}
+
+
+def trial(source: Path, overrides: dict) -> dict:
+    nested: dict = {}
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        nested.setdefault(section, {})[field] = value
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = PipelineConfig.model_validate(nested | {"source": str(source), "workspace": scratch})
+        run_date, workspace = dt.date.fromisoformat(RUN_DATE), cfg.workspace_path()
+        started = time.perf_counter()
+        snapshot = ingest(cfg.source, run_date, workspace, cfg.synthetic, cfg.seed)
+        feature_set = build_features(snapshot, workspace, run_date, cfg.features)
+        models = workspace / "models" / "trial"
+        train_retrieval(feature_set, models, cfg.retrieval, cfg.features, cfg.seed)
+        train_ranking(feature_set, models / "retrieval", models / "ranking", cfg.ranking, cfg.retrieval, cfg.seed)
+        seconds = time.perf_counter() - started
+        features = load_features(feature_set.path)
+        visible = features.events.filter(pl.col("split") != "test")
+        test = features.events.filter(
+            (pl.col("split") == "test") & pl.col("item_idx").is_in(visible["item_idx"].unique().implode())
+        )
+        users = np.unique(test["user_idx"].to_numpy())
+        lists = model_lists(models, features, visible, users, cfg.retrieval.candidates)
+        truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
+        return ranking_metrics(lists, truth, CUTOFF, features.n_items) | {"seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", help="a dataset directory, or 'synthetic'")
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=90.0, help="max seconds of ingest+features+training")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/tune.json"))
+    args = parser.parse_args()
+    interactions, items = load(args.dataset)
+    visible, _ = split(interactions)  # the hidden part is dropped here and never seen again
+    grid = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    defaults = PipelineConfig()
+    current = {key: getattr(getattr(defaults, key.split(".")[0]), key.split(".")[1]) for key in GRID}
+    others = [overrides for overrides in grid if overrides != current]
+    chosen = [current] + random.Random(args.seed).sample(others, min(args.trials - 1, len(others)))
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch)
+        visible.write_parquet(source / "interactions.parquet")
+        if items is not None:
+            items.write_parquet(source / "items.parquet")
+        for overrides in chosen:
+            metrics = trial(source, overrides)
+            results.append({"config": overrides, **metrics})
+            print(f"ndcg@10 {metrics['ndcg']:.4f} recall@10 {metrics['recall']:.4f} "
+                  f"{metrics['seconds']:.0f}s {overrides}", flush=True)
+    eligible = [r for r in results if r["seconds"] <= args.budget] or results
+    best = max(eligible, key=lambda r: r["ndcg"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dataset": args.dataset, "seed": args.seed, "best": best, "trials": results}, indent=2))
+    print("best:", json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()
