@@ -21,4 +21,4 @@ test-fast: setup
 	.venv/bin/python -m pytest -m "not slow"
 
 bench: setup
-	.venv/bin/python bench/quality.py ../shared/datasets/ml-latest-small
+	.venv/bin/recflow bench ../shared/datasets/ml-latest-small --out bench/results/quality-ml-latest-small.json

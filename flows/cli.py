@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,6 +48,18 @@ def run(
         logging.getLogger("prefect").setLevel(logging.WARNING)  # keep our line last
         _fail(str(error))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def bench(
+    dataset: Annotated[str, typer.Argument(help="a dataset directory, or 'synthetic'")],
+    out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("bench/results/quality.json"),
+) -> None:
+    """Score `recflow run` against classical baselines under DESIGN.md's quality protocol."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    if not script.exists():
+        _fail(f"{script} not found; the benchmark runs from a source checkout")
+    raise typer.Exit(subprocess.call([sys.executable, str(script), dataset, "--out", str(out)]))
 
 
 def _date(value: str | None) -> dt.date | None:
