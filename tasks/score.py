@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +134,6 @@ def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict) ->
     )
     write_json(manifest | published.model_dump(mode="json"), staged / "_manifest.json")
     publish_dir(staged, published.path)
-    shutil.rmtree(staged, ignore_errors=True)
     log.info("published %s (%d rows, %d users)", published.path, published.rows, published.users)
     return published
 
