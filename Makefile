@@ -2,7 +2,7 @@
 PYTHON ?= python3
 UV = $(PYTHON) -m uv
 
-.PHONY: setup run test test-fast bench
+.PHONY: setup run test test-slow browser bench
 
 setup: .venv/.synced
 
@@ -15,10 +15,16 @@ run: setup
 	.venv/bin/recflow run
 
 test: setup
-	.venv/bin/python -m pytest
-
-test-fast: setup
 	.venv/bin/python -m pytest -m "not slow"
+
+test-slow: setup browser
+	.venv/bin/python -m pytest -m slow
+
+# Debian's headless Chromium and its driver, for the browser tests.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 bench: setup
 	.venv/bin/recflow bench ../shared/datasets/ml-latest-small --out bench/results/quality-ml-latest-small.json

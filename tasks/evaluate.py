@@ -8,22 +8,23 @@ logs everything about the run to MLflow, registers both models, and promotes the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from prefect import task
 
-from schemas.tables import ChampionDecision, FeatureSet
+from schemas.tables import ChampionDecision, FeatureSet, ModelSet
 from tasks.features import Features, load_features, user_histories
 from tasks.retrieval import RetrievalBundle, as_table, retrieve, rows_of
 from tasks.score import recommend
+from tasks.workspace import code_version, publish_dir, temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,87 +73,136 @@ def ranking_metrics(recs: pl.DataFrame, truth: pl.DataFrame, k: int, n_items: in
 # --- the stage -----------------------------------------------------------------------
 
 CUTOFF = 10
+CURVE = (1, 5, 10, 20, 50)  # cut-offs of the recall@K curve
 RETRIEVAL_MODEL = "recflow-retrieval"
 RANKING_MODEL = "recflow-ranking"
 CHAMPION = "champion"
 
 
 def evaluate(
-    feature_set: FeatureSet, models: Path, run_id: str, workspace: Path, n_candidates: int
+    feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int
 ) -> ChampionDecision:
     """Score tonight's models (and the champion) on the test split; log, register, decide."""
+    results = test_metrics(models.path, feature_set, feature_key, n_candidates)
+    flat = {f"{_metric_prefix(name)}{m}_at_{CUTOFF}": v for name, values in results.items() for m, v in values.items()
+            if name != "curve"}
+    client = _client(workspace)
+    champion = _champion(client, workspace)
+    new_ndcg = results["retrieval+ranking"]["ndcg"]
+    if champion is not None and champion[1] == models.path:
+        promote, version = False, str(champion[0].version)
+        reason = f"tonight's models are champion v{version} already (same input, config and code)"
+        flat |= {f"champion_{m}_at_{CUTOFF}": v for m, v in results["retrieval+ranking"].items()}
+    else:
+        version = _register(client, run_id, models.key)
+        if champion is None:
+            promote, reason = True, "no champion yet"
+        else:
+            held = test_metrics(champion[1], feature_set, feature_key, n_candidates, baselines=False)["retrieval+ranking"]
+            flat |= {f"champion_{m}_at_{CUTOFF}": v for m, v in held.items()}
+            promote = new_ndcg > held["ndcg"]
+            reason = (
+                f"NDCG@{CUTOFF} {new_ndcg:.4f} {'beats' if promote else 'does not beat'} "
+                f"champion v{champion[0].version} ({held['ndcg']:.4f})"
+            )
+    if promote:
+        for name in (RETRIEVAL_MODEL, RANKING_MODEL):
+            client.set_registered_model_alias(name, CHAMPION, version)
+        scoring = (run_id, version, models.path)
+    else:
+        scoring = (champion[0].run_id, str(champion[0].version), champion[1])
+    _log_evaluation(client, run_id, flat, results, models)
+    client.log_batch(run_id, tags=[RunTag("champion_decision", reason), RunTag("promoted", str(promote).lower())])
+    log.info("evaluation: %s; %s", {k: round(v["ndcg"], 4) for k, v in results.items() if k != "curve"}, reason)
+    return ChampionDecision(
+        mlflow_run_id=scoring[0], model_version=scoring[1], models_path=scoring[2], promoted=promote, reason=reason,
+        metrics=flat,
+    )
+
+
+def _log_evaluation(client, run_id: str, flat: dict, results: dict, models: ModelSet) -> None:
+    """Metrics, the metrics table, both models and two plots, into tonight's MLflow run."""
+    now = int(time.time() * 1000)
+    curves = [
+        Metric(f"{_metric_prefix(name)}recall_curve", value, now, int(k))
+        for name, curve in results["curve"].items()
+        for k, value in curve.items()
+    ]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()] + curves)
+    rows = [{"model": name, **values} for name, values in results.items() if name != "curve"]
+    with tempfile.TemporaryDirectory() as scratch:
+        pl.DataFrame(rows).write_csv(Path(scratch) / "metrics.csv")
+        client.log_artifact(run_id, str(Path(scratch) / "metrics.csv"))
+    client.log_artifacts(run_id, str(models.path), "models")
+    for name, figure in _plots(results["curve"], models).items():
+        client.log_figure(run_id, figure, f"plots/{name}.png")
+
+
+def _plots(curves: dict, models: ModelSet) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    recall, axes = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        axes.plot([int(k) for k in curve], list(curve.values()), marker="o", label=name)
+    axes.set(xscale="log", xlabel="K", ylabel="recall@K", title="Recall@K on the held-out split")
+    axes.legend()
+    training, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (name, trained) in zip(axes, (("retrieval", models.retrieval), ("ranking", models.ranking))):
+        for series, values in trained.history.items():
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=series)
+        ax.set(xlabel="epoch", title=f"{name} training")
+        ax.legend()
+    figures = {"recall_at_k": recall, "training": training}
+    for figure in figures.values():
+        figure.tight_layout()
+        plt.close(figure)
+    return figures
+
+
+def test_metrics(models: Path, feature_set: FeatureSet, feature_key: str, n_candidates: int, baselines: bool = True) -> dict:
+    """Metrics@10 of retrieval + ranking (and, with `baselines`, of popularity and retrieval
+    alone) on the test split, plus recall at several cut-offs (`curve`); cached in
+    models/evaluation/.
+
+    Without `baselines` the models may come from an earlier night (the champion): only the
+    full path maps tonight's ids into the models' vocabulary.
+    """
+    cached = models / "evaluation" / f"{feature_key}{'' if baselines else '-models-only'}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     features = load_features(feature_set.path)
     visible = features.events.filter(pl.col("split") != "test")
     known_items = visible["item_idx"].unique()
     test = features.events.filter((pl.col("split") == "test") & pl.col("item_idx").is_in(known_items.implode()))
     truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
     users = np.unique(test["user_idx"].to_numpy())
-
-    table = {
-        "popularity": popularity_lists(features, visible, users),
-        "retrieval": retrieval_lists(models, features, visible, users),
-        "retrieval+ranking": model_lists(models, features, visible, users, n_candidates),
+    deepest = max(CURVE)
+    table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest)}
+    if baselines:
+        table |= {
+            "popularity": popularity_lists(features, visible, users, deepest),
+            "retrieval": retrieval_lists(models, features, visible, users, deepest),
+        }
+    results: dict = {name: ranking_metrics(recs, truth, CUTOFF, features.n_items) for name, recs in table.items()}
+    results["curve"] = {
+        name: {str(k): ranking_metrics(recs, truth, k, features.n_items)["recall"] for k in CURVE}
+        for name, recs in table.items()
     }
-    results = {name: ranking_metrics(recs, truth, CUTOFF, features.n_items) for name, recs in table.items()}
-    client = _client(workspace)
-    client.log_batch(
-        run_id,
-        metrics=[
-            Metric(f"{_metric_prefix(name)}{metric}_at_{CUTOFF}", value, int(time.time() * 1000), 0)
-            for name, values in results.items()
-            for metric, value in values.items()
-        ],
-    )
-    metrics_table = pl.DataFrame([{"model": name, **values} for name, values in results.items()])
-    with tempfile.TemporaryDirectory() as scratch:
-        metrics_table.write_csv(Path(scratch) / "metrics.csv")
-        client.log_artifact(run_id, str(Path(scratch) / "metrics.csv"))
-    client.log_artifacts(run_id, str(models), "models")
-    version = _register(client, run_id)
-    new_ndcg = results["retrieval+ranking"]["ndcg"]
-    champion = _champion(client, workspace)
-    if champion is None:
-        promote, reason, champion_ndcg = True, "no champion yet", None
-    else:
-        champion_recs = model_lists(champion[1], features, visible, users, n_candidates)
-        champion_ndcg = ranking_metrics(champion_recs, truth, CUTOFF, features.n_items)["ndcg"]
-        promote = new_ndcg > champion_ndcg
-        reason = (
-            f"NDCG@{CUTOFF} {new_ndcg:.4f} {'beats' if promote else 'does not beat'} "
-            f"champion v{champion[0].version} ({champion_ndcg:.4f})"
-        )
-        client.log_metric(run_id, f"champion_ndcg_at_{CUTOFF}", champion_ndcg)
-    if promote:
-        for name in (RETRIEVAL_MODEL, RANKING_MODEL):
-            client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_tag(run_id, "champion_decision", reason)
-    client.set_tag(run_id, "promoted", str(promote).lower())
-    log.info("evaluation: %s; %s", {k: round(v["ndcg"], 4) for k, v in results.items()}, reason)
-    flat = {f"{_metric_prefix(n)}{m}_at_{CUTOFF}": v for n, values in results.items() for m, v in values.items()}
-    if champion_ndcg is not None:
-        flat[f"champion_ndcg_at_{CUTOFF}"] = champion_ndcg
-    if promote:
-        return ChampionDecision(
-            mlflow_run_id=run_id, model_version=version, models_path=models, promoted=True, reason=reason, metrics=flat
-        )
-    return ChampionDecision(
-        mlflow_run_id=champion[0].run_id,
-        model_version=str(champion[0].version),
-        models_path=champion[1],
-        promoted=False,
-        reason=reason,
-        metrics=flat,
-    )
+    write_json(results, cached)
+    return results
 
 
 def _metric_prefix(model: str) -> str:
     return {"retrieval+ranking": "", "retrieval": "retrieval_", "popularity": "popularity_"}[model]
 
 
-def popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
+def popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF) -> pl.DataFrame:
     counts = np.bincount(visible["item_idx"].to_numpy(), minlength=features.n_items + 1).astype(np.float32)
     exclude = rows_of(users, visible)
-    top, _ = retrieve(np.ones((users.size, 1), np.float32), counts[:, None], exclude, CUTOFF)
+    top, _ = retrieve(np.ones((users.size, 1), np.float32), counts[:, None], exclude, k)
     return as_table(users, top)
 
 
@@ -165,8 +215,10 @@ def retrieval_lists(
     return as_table(users, top)
 
 
-def model_lists(models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int) -> pl.DataFrame:
-    recs = recommend(models, features, users, visible, n, CUTOFF)
+def model_lists(
+    models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int, k: int = CUTOFF
+) -> pl.DataFrame:
+    recs = recommend(models, features, users, visible, n, k)
     return recs.join(features.items.select("item_id", "item_idx"), on="item_id", how="left").select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").fill_null(-1).alias("item"), "rank"
     )
@@ -200,17 +252,23 @@ def start_run(workspace: Path, experiment: str, run_date, source: str, data_hash
     run = client.create_run(
         experiment_id,
         run_name=f"nightly-{run_date.isoformat()}",
-        tags={"run_date": run_date.isoformat(), "source": source, "data_hash": data_hash, "code_version": _code_version()},
+        tags={"run_date": run_date.isoformat(), "source": source, "data_hash": data_hash, "code_version": code_version()},
     )
     client.log_batch(run.info.run_id, params=[Param(key, str(value)[:500]) for key, value in params.items()])
     log.info("MLflow run %s at %s", run.info.run_id, tracking_uri(workspace))
     return run.info.run_id
 
 
-def log_run_data(workspace: Path, run_id: str, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+def log_run_data(
+    workspace: Path, run_id: str, metrics: dict[str, float], artifacts: dict[str, Path], tags: dict[str, str]
+) -> None:
     client = _client(workspace)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, value) for key, value in tags.items()],
+    )
     for name, path in artifacts.items():
         if path.is_dir():
             client.log_artifacts(run_id, str(path), name)
@@ -218,11 +276,60 @@ def log_run_data(workspace: Path, run_id: str, metrics: dict[str, float], artifa
             client.log_artifact(run_id, str(path), name)
 
 
+def run_link(workspace: Path, run_id: str) -> str:
+    """Where to look at a run: its page in the MLflow UI, or the local tracking URI."""
+    uri = tracking_uri(workspace)
+    if not uri.startswith("http"):
+        return uri
+    experiment_id = _client(workspace).get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def recent_runs(workspace: Path, experiment: str, last: int) -> pl.DataFrame | None:
+    """The last runs side by side (one column per run, newest first), for `recflow runs`."""
+    client = _client(workspace)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last)
+    fields = {
+        "status": lambda r: r.info.status,
+        "promoted": lambda r: r.data.tags.get("promoted", ""),
+        "stages reused": lambda r: _count(r.data.tags.get("reused_stages", "")),
+        "source": lambda r: r.data.tags.get("source", ""),
+        "data hash": lambda r: r.data.tags.get("data_hash", ""),
+        **{
+            label: (lambda r, key=key: _cell(r.data.metrics.get(key)))
+            for label, key in (
+                ("ndcg@10", "ndcg_at_10"), ("recall@10", "recall_at_10"), ("champion ndcg@10", "champion_ndcg_at_10"),
+                ("retrieval-only ndcg@10", "retrieval_ndcg_at_10"), ("popularity ndcg@10", "popularity_ndcg_at_10"),
+                ("retrieval epochs", "retrieval_epochs"), ("output rows", "output_rows"),
+                ("interactions", "data_interactions"), ("total seconds", "time_total_s"),
+            )
+        },
+        "run id": lambda r: r.info.run_id,
+    }
+    columns = {"": list(fields)}
+    for run in runs:
+        columns[f"{run.data.tags.get('run_date', '?')} ({run.info.run_id[:6]})"] = [get(run) for get in fields.values()]
+    return pl.DataFrame(columns)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else str(round(value, 4))
+
+
+def _count(stages: str) -> str:
+    return str(len(stages.split(","))) if stages and stages != "none" else "0"
+
+
 def end_run(workspace: Path, run_id: str, failed: bool = False) -> None:
     _client(workspace).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def _register(client, run_id: str) -> str:
+def _register(client, run_id: str, model_key: str) -> str:
     from mlflow.exceptions import MlflowException
 
     artifact_uri = client.get_run(run_id).info.artifact_uri
@@ -232,8 +339,16 @@ def _register(client, run_id: str) -> str:
             client.create_registered_model(name, description="recflow nightly model (SavedModel)")
         except MlflowException:
             pass  # already registered
-        versions.append(client.create_model_version(name, f"{artifact_uri}/{path}", run_id=run_id).version)
+        versions.append(
+            client.create_model_version(name, f"{artifact_uri}/{path}", run_id=run_id, tags={"model_key": model_key}).version
+        )
     return str(versions[0])
+
+
+def champion_models(workspace: Path) -> Path | None:
+    """The local models directory of the current champion, or None when there is none."""
+    champion = _champion(_client(workspace), workspace)
+    return champion[1] if champion else None
 
 
 def _champion(client, workspace: Path):
@@ -244,26 +359,16 @@ def _champion(client, workspace: Path):
         version = client.get_model_version_by_alias(RETRIEVAL_MODEL, CHAMPION)
     except MlflowException:
         return None
-    models = workspace / "models" / version.run_id
+    models = workspace / "models" / version.tags.get("model_key", version.run_id)
     if not (models / "ranking").exists():
-        models.mkdir(parents=True, exist_ok=True)
-        client.download_artifacts(version.run_id, "models", str(models.parent / f".{version.run_id}"))
-        os.replace(models.parent / f".{version.run_id}" / "models", models)
+        staging = temp_dir(workspace, "champion")
+        client.download_artifacts(version.run_id, "models", str(staging))
+        publish_dir(staging / "models", models)
     return version, models
 
 
-def _code_version() -> str:
-    from importlib.metadata import version
-
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{version('recflow')}+{sha}" if sha else version("recflow")
-
-
 @task(name="evaluate")
-def evaluate_task(feature_set: FeatureSet, models: Path, run_id: str, workspace: Path, n_candidates: int) -> ChampionDecision:
-    return evaluate(feature_set, models, run_id, workspace, n_candidates)
+def evaluate_task(
+    feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int
+) -> ChampionDecision:
+    return evaluate(feature_set, feature_key, models, run_id, workspace, n_candidates)

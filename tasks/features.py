@@ -21,15 +21,15 @@ from prefect import task
 
 from schemas.config import FeatureConfig
 from schemas.tables import EVENTS, SPLITS, FeatureSet, Snapshot
-from tasks.workspace import partition, publish_dir, temp_dir, write_json, write_parquet
+from tasks.workspace import partition, publish_dir, stamp, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
 
 MAX_CATEGORIES = 8
 
 
-def build_features(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg: FeatureConfig) -> FeatureSet:
-    """Write features/run_date=.../ from a validated snapshot and describe it."""
+def build_features(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg: FeatureConfig, key: str) -> FeatureSet:
+    """Write features/run_date=.../ (stamped with its cache `key`) from a validated snapshot."""
     interactions = (
         pl.read_parquet(snapshot.interactions, columns=["user_id", "item_id", "timestamp"])
         .sort("timestamp", "item_id")
@@ -59,7 +59,7 @@ def build_features(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg: 
         n_title_tokens=int(items["title_idx"].explode().max() or 0),
         split_sizes=split_sizes,
     )
-    write_json(feature_set.model_dump(mode="json") | {"config": cfg.model_dump()}, staged / "meta.json")
+    stamp(staged, key, feature_set)
     publish_dir(staged, feature_set.path)
     log.info("features: %d users, %d items, split %s", feature_set.n_users, feature_set.n_items, split_sizes)
     return feature_set
@@ -237,5 +237,5 @@ def _first_of_user(users: np.ndarray) -> np.ndarray:
 
 
 @task(name="features")
-def features_task(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg: FeatureConfig) -> FeatureSet:
-    return build_features(snapshot, workspace, run_date, cfg)
+def features_task(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg: FeatureConfig, key: str) -> FeatureSet:
+    return build_features(snapshot, workspace, run_date, cfg, key)

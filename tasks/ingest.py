@@ -5,6 +5,10 @@ layout, a MovieLens directory, a GroupLens archive fetched into a cache, or the 
 synthetic generator), maps it onto the input contract of DESIGN.md (string ids, unix-second
 timestamps) and stages parquet files under workspace/.tmp. Validation decides whether the
 staged snapshot is published to snapshots/run_date=.../ or quarantined.
+
+A run sees only interactions up to the end of its run date, so a backfill of a past date
+never uses later events. Timestamps later than the wall clock are not dropped but left for
+validation to reject: they are an error in the input, not tomorrow's data.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from prefect import task
 
 from schemas.config import SyntheticConfig
 from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
-from tasks.workspace import RecflowError, temp_dir, write_parquet
+from tasks.workspace import RecflowError, stage_key, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +46,10 @@ def ingest(source: str, run_date: dt.date, workspace: Path, synthetic: Synthetic
         interactions, items = generate_synthetic(synthetic, run_date, seed)
         users, origin = None, {"interactions": "synthetic", "items": "synthetic"}
     else:
-        directory = fetch_movielens(source.split(":", 1)[1]) if source.startswith("movielens:") else Path(source)
+        directory = _directory(source)
         interactions, items, users = read_directory(directory)
         origin = {table: str(path) for table, path in source_files(directory).items()}
+    interactions = up_to(interactions, run_date)
     staged = temp_dir(workspace, "snapshot")
     write_parquet(interactions, staged / "interactions.parquet")
     if items is not None:
@@ -68,7 +73,34 @@ def ingest(source: str, run_date: dt.date, workspace: Path, synthetic: Synthetic
     return snapshot
 
 
+def fingerprint(source: str, run_date: dt.date, synthetic: SyntheticConfig, seed: int) -> str:
+    """A hash of the raw input a run on `run_date` would read: its cache key, computed
+    without parsing anything."""
+    if source == "synthetic":
+        return stage_key("synthetic", synthetic, seed, run_date)
+    directory = _directory(source)
+    if not directory.is_dir():
+        raise RecflowError(f"source {source!r} is not a directory, 'synthetic' or 'movielens:<name>'")
+    return stage_key(_hash_files(sorted(source_files(directory).values())), run_date)
+
+
+def up_to(interactions: pl.DataFrame, run_date: dt.date) -> pl.DataFrame:
+    """Drop events after the run date (a backfill's future); keep those after now for
+    validation to reject."""
+    cutoff = int(dt.datetime.combine(run_date + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()) - 1
+    now = int(time.time())
+    later = (pl.col("timestamp") > cutoff) & (pl.col("timestamp") <= now)
+    dropped = interactions.select(later.sum()).item()
+    if dropped:
+        log.info("ingest: %d interactions after %s left out (the run sees only its date and before)", dropped, run_date)
+    return interactions.filter(~later | pl.col("timestamp").is_null())
+
+
 # --- directories ---------------------------------------------------------------------
+
+
+def _directory(source: str) -> Path:
+    return fetch_movielens(source.split(":", 1)[1]) if source.startswith("movielens:") else Path(source)
 
 
 def read_directory(directory: Path) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:

@@ -79,7 +79,10 @@ def train_ranking(
     model.export(out)
     metrics = {"train_loss": float(history.history["loss"][-1]), "positive_rate": float(labels.mean())}
     log.info("ranking: %d examples, %s", labels.size, metrics)
-    return TrainedModel(path=out, epochs=cfg.epochs, seconds=time.perf_counter() - started, metrics=metrics)
+    return TrainedModel(
+        path=out, epochs=cfg.epochs, seconds=time.perf_counter() - started, metrics=metrics,
+        history={"train loss": [float(v) for v in history.history["loss"]]},
+    )
 
 
 def candidate_features(

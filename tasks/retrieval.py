@@ -29,11 +29,17 @@ RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
 
 
 def train_retrieval(
-    feature_set: FeatureSet, models: Path, cfg: RetrievalConfig, features_cfg: FeatureConfig, seed: int
+    feature_set: FeatureSet,
+    models: Path,
+    cfg: RetrievalConfig,
+    features_cfg: FeatureConfig,
+    seed: int,
+    warm_from: Path | None = None,
 ) -> TrainedModel:
     """Train the two-tower model on `fit`, stop on `valid` recall; export to models/retrieval.
 
-    The vocabularies the model was trained with are saved beside it, in models/vocab.
+    The vocabularies the model was trained with are saved beside it, in models/vocab. With
+    `warm_from` (a models directory, the champion's) training starts from its weights.
     """
     from tasks import towers
     from tasks.tfenv import keras, seed_everything, tf
@@ -58,6 +64,8 @@ def train_retrieval(
         .prefetch(2)
     )
     model = towers.TwoTower(features, length, cfg)
+    if warm_from is not None:
+        warm_start(model, warm_from, features)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     validation = towers.EpochMetric("val_recall", _validation_recall(features, length))
     stopper = keras.callbacks.EarlyStopping(
@@ -73,7 +81,49 @@ def train_retrieval(
         "train_loss": float(history.history["loss"][best]),
     }
     log.info("retrieval: %d epochs, best %d, %s", len(history.history["loss"]), best + 1, metrics)
-    return TrainedModel(path=out, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics)
+    curves = {"train loss": history.history["loss"], f"valid recall@{RECALL_AT}": history.history["val_recall"]}
+    return TrainedModel(
+        path=out, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics,
+        history={name: [float(v) for v in values] for name, values in curves.items()},
+    )
+
+
+def warm_start(model, champion: Path, features: Features) -> int:
+    """Start `model` from the retrieval weights in `champion` (a models directory).
+
+    User and item id embeddings are copied row by row through the two vocabularies (ids the
+    champion never saw keep their fresh initialisation); the history encoder's and the
+    projection's weights are copied when their shapes match. Category and title-token
+    tables are left fresh: their indices are rebuilt every night. Returns the number of
+    tensors copied.
+    """
+    from tasks.score import index_map
+    from tasks.tfenv import tf
+
+    model.query_model({"user_idx": np.zeros(1, np.int32), "history": np.zeros((1, model.history_length), np.int32)})
+    old = tf.saved_model.load(str(champion / "retrieval")).query_model
+    new = model.query_model
+    vocab = champion / "vocab"
+    copied = 0
+    for new_table, old_table, rows in (
+        (new.users.embeddings, old.users.embeddings,
+         index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")),
+        (new.items.ids.embeddings, old.items.ids.embeddings,
+         index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")),
+    ):
+        values, known = new_table.numpy(), rows > 0
+        values[known] = old_table.numpy()[rows[known]]
+        new_table.assign(values)
+        copied += 1
+    for name in ("positions", "self_attention", "norm", "gru", "attention", "project"):
+        if hasattr(new, name) and hasattr(old, name):
+            pairs = list(zip(getattr(new, name).variables, getattr(old, name).variables))
+            if all(a.shape == b.shape for a, b in pairs):
+                for target, source in pairs:
+                    target.assign(source)
+                copied += len(pairs)
+    log.info("retrieval: warm start from %s, %d tensors copied", champion, copied)
+    return copied
 
 
 def retrieve(
@@ -211,6 +261,11 @@ def as_table(users: np.ndarray, top: np.ndarray) -> pl.DataFrame:
 
 @task(name="train_retrieval")
 def train_retrieval_task(
-    feature_set: FeatureSet, models: Path, cfg: RetrievalConfig, features_cfg: FeatureConfig, seed: int
+    feature_set: FeatureSet,
+    models: Path,
+    cfg: RetrievalConfig,
+    features_cfg: FeatureConfig,
+    seed: int,
+    warm_from: Path | None = None,
 ) -> TrainedModel:
-    return train_retrieval(feature_set, models, cfg, features_cfg, seed)
+    return train_retrieval(feature_set, models, cfg, features_cfg, seed, warm_from)

@@ -22,7 +22,7 @@ from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, Publis
 from tasks.features import Features, load_features, user_histories
 from tasks.ranking import candidate_features, cooccurrence, item_similarity
 from tasks.retrieval import RetrievalBundle
-from tasks.workspace import partition, publish_dir, temp_dir, write_json, write_parquet
+from tasks.workspace import RecflowError, partition, publish_dir, stamp, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def recommend(
     from tasks.tfenv import tf
 
     vocab = models / "vocab"
-    user_map = _index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")
-    item_map = _index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")
+    user_map = index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")
+    item_map = index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")
     model_items = pl.read_parquet(vocab / "items.parquet", columns=["item_id", "item_idx"]).sort("item_idx")
     item_ids = np.concatenate([[""], model_items["item_id"].to_numpy()]).astype(object)
     popularity = np.load(vocab / "item_popularity.npy")
@@ -85,7 +85,7 @@ def recommend(
     return recs.filter(pl.col("score").is_finite())
 
 
-def _index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:
+def index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:
     """Array mapping tonight's index -> the model's index (0 where the model never saw the id)."""
     joined = tonight.select(id_column, idx_column).join(
         model_vocab.select(id_column, pl.col(idx_column).alias("model_idx")), on=id_column, how="left"
@@ -126,16 +126,38 @@ def score(
     return staged
 
 
-def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict) -> PublishedTable:
-    """Move the scored partition into place atomically, with a manifest beside the parts."""
+def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict, key: str) -> PublishedTable:
+    """Move the scored partition into place atomically, with a manifest beside the parts
+    and its cache `key`."""
     table = pl.read_parquet(staged / "*.parquet")
     published = PublishedTable(
         path=partition(workspace, "recommendations", run_date), rows=table.height, users=table["user_id"].n_unique()
     )
     write_json(manifest | published.model_dump(mode="json"), staged / "_manifest.json")
+    stamp(staged, key, published)
     publish_dir(staged, published.path)
     log.info("published %s (%d rows, %d users)", published.path, published.rows, published.users)
     return published
+
+
+def user_list(workspace: Path, user_id: str, run_date: dt.date | None = None) -> pl.DataFrame:
+    """One user's published list (latest run date unless given), with item titles."""
+    root = workspace / "recommendations"
+    dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
+    if not dates:
+        raise RecflowError(f"no recommendations under {root}; run `recflow run` first")
+    day = run_date.isoformat() if run_date else dates[-1]
+    if day not in dates:
+        raise RecflowError(f"no recommendations for run date {day} under {root} (latest: {dates[-1]})")
+    table = pl.read_parquet(root / f"run_date={day}" / "*.parquet").filter(pl.col("user_id") == user_id)
+    if table.is_empty():
+        raise RecflowError(f"user {user_id!r} has no list on {day}: not in that run's input")
+    items = partition(workspace, "snapshots", dt.date.fromisoformat(day)) / "items.parquet"
+    if items.exists():
+        table = table.join(pl.read_parquet(items, columns=["item_id", "title"]), on="item_id", how="left")
+    else:
+        table = table.with_columns(pl.lit(None, pl.String).alias("title"))
+    return table.sort("rank").select("rank", "item_id", "title", "score", "run_date", "model_version")
 
 
 @task(name="score")
@@ -146,5 +168,5 @@ def score_task(
 
 
 @task(name="publish")
-def publish_task(staged: Path, workspace: Path, run_date: dt.date, manifest: dict) -> PublishedTable:
-    return publish(staged, workspace, run_date, manifest)
+def publish_task(staged: Path, workspace: Path, run_date: dt.date, manifest: dict, key: str) -> PublishedTable:
+    return publish(staged, workspace, run_date, manifest, key)

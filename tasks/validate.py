@@ -20,7 +20,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from schemas.tables import Snapshot
-from tasks.workspace import RecflowError, partition, publish_dir, write_json
+from tasks.workspace import RecflowError, partition, publish_dir, stamp, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class ValidationFailed(RecflowError):
         self.failures = failures
 
 
-def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg) -> tuple[Snapshot, list[dict]]:
-    """Validate the staged snapshot; publish it, or quarantine it and raise ValidationFailed."""
+def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: str) -> tuple[Snapshot, list[dict]]:
+    """Validate the staged snapshot; publish it (stamped with its cache `key`), or
+    quarantine it and raise ValidationFailed."""
     report_dir = snapshot.path / "validation"
     failures = run_suites(snapshot, run_date, cfg, report_dir)
     if failures:
@@ -47,6 +48,7 @@ def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg) -> tup
             failures,
         )
     published = snapshot.model_copy(update={"path": partition(workspace, "snapshots", run_date)})
+    stamp(snapshot.path, key, published)
     publish_dir(snapshot.path, published.path)
     return published, failures
 
@@ -135,11 +137,10 @@ def summary_markdown(failures: list[dict], snapshot: Snapshot) -> str:
 
 
 @task(name="validate")
-def validate_task(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg) -> Snapshot:
+def validate_task(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: str) -> Snapshot:
     try:
-        published, failures = validate(snapshot, workspace, run_date, cfg)
+        published, _ = validate(snapshot, workspace, run_date, cfg, key)
     except ValidationFailed as error:
         create_markdown_artifact(summary_markdown(error.failures, snapshot), key="validation", description="GE gate")
         raise
-    create_markdown_artifact(summary_markdown(failures, published), key="validation", description="GE gate")
     return published

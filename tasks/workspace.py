@@ -3,18 +3,31 @@
 Everything a run publishes goes through `publish_dir` or `write_parquet`/`write_json`:
 written under a temp name, fsynced, then renamed into place, so a reader sees a file or
 partition whole or not at all.
+
+Stage outputs are cached by content: a stage stamps its output directory with the hash
+of everything the output was computed from (`stage_key`: the input's key, the config, the
+code version), and a later run whose key matches `reuse`s the output instead of
+recomputing it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
+from pydantic import BaseModel
+
+Record = TypeVar("Record", bound=BaseModel)
+STAGE_RECORD = "_stage.json"
 
 
 class RecflowError(Exception):
@@ -38,6 +51,40 @@ def temp_dir(workspace: Path, name: str) -> Path:
 def clean_temp(workspace: Path) -> None:
     """Remove what runs that died left behind in workspace/.tmp."""
     shutil.rmtree(workspace / ".tmp", ignore_errors=True)
+
+
+def stage_key(*parts: object) -> str:
+    """Content hash of what a stage's output depends on: upstream keys, config, run date."""
+    plain = [part.model_dump(mode="json") if isinstance(part, BaseModel) else part for part in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reuse(path: Path, key: str, record_type: type[Record]) -> Record | None:
+    """The record a stage left in `path` when it was computed from `key`; None otherwise."""
+    try:
+        stored = json.loads((path / STAGE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record_type.model_validate(stored["record"]) if stored.get("key") == key else None
+
+
+def stamp(directory: Path, key: str, record: BaseModel) -> None:
+    """Record in an output directory which key produced it (see `reuse`)."""
+    write_json({"key": key, "record": record.model_dump(mode="json")}, directory / STAGE_RECORD)
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version plus git commit when run from a checkout; part of every cache key."""
+    from importlib.metadata import version
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{version('recflow')}+{sha}" if sha else version("recflow")
 
 
 def publish_dir(staged: Path, target: Path) -> Path:

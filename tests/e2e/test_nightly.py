@@ -75,7 +75,7 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     assert {"metrics.csv", "models", "validation"} <= artifacts
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert set(table["model_version"]) == {str(champion.version)}
-    assert (workspace / "models" / run.info.run_id / "retrieval" / "saved_model.pb").exists()
+    assert (workspace / "models" / run.data.tags["model_key"] / "retrieval" / "saved_model.pb").exists()
 
 
 def test_retrieval_and_ranking_beat_popularity_on_planted_structure(nightly_run):
@@ -160,3 +160,109 @@ def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(nightly_ru
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={next_date}" / "*.parquet")
     assert set(table["model_version"]) == {"1"}
     assert table.group_by("user_id").len()["len"].unique().to_list() == [10]
+
+
+def test_a_rerun_with_unchanged_input_reuses_every_stage_and_keeps_the_output(nightly_run):
+    from mlflow.tracking import MlflowClient
+
+    from flows.nightly import nightly
+
+    workspace, first = nightly_run
+    partition = workspace / "recommendations" / f"run_date={RUN_DATE}"
+    before = _checksums(partition)
+    again = nightly(small_config(workspace))
+    assert again["reused_stages"] == [
+        "ingest", "validate", "features", "train_retrieval", "train_ranking", "score", "publish"
+    ]
+    assert _checksums(partition) == before
+    assert again["promoted"] is False and "champion v1 already" in again["champion"]
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run, first_run = client.get_run(again["mlflow_run_id"]), client.get_run(first["mlflow_run_id"])
+    assert run.data.tags["reused_stages"] == "ingest,validate,features,train_retrieval,train_ranking,score,publish"
+    assert set(first_run.data.metrics) <= set(run.data.metrics)  # the compare view lines the runs up
+    assert run.data.metrics["ndcg_at_10"] == first_run.data.metrics["ndcg_at_10"]
+    assert len(client.search_model_versions("name='recflow-retrieval'")) == 2  # nothing registered twice
+
+
+def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(nightly_run):
+    from flows.nightly import nightly
+
+    workspace, _ = nightly_run
+    changed = nightly(small_config(workspace, top_k=5))
+    assert changed["reused_stages"] == ["ingest", "validate", "features", "train_retrieval", "train_ranking"]
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    assert table.group_by("user_id").len()["len"].unique().to_list() == [5]
+
+
+def test_cli_prints_a_users_list_with_titles_and_the_last_runs_side_by_side(nightly_run):
+    workspace, _ = nightly_run
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    user = table["user_id"][0]
+    items = pl.read_parquet(workspace / "snapshots" / f"run_date={RUN_DATE}" / "items.parquet")
+    top = table.filter((pl.col("user_id") == user) & (pl.col("rank") == 1))["item_id"][0]
+    recs = _cli("recs", user, "--run-date", str(RUN_DATE), "--workspace", str(workspace))
+    assert recs.returncode == 0, recs.stderr
+    first_row = next(line for line in recs.stdout.splitlines() if line.startswith("│ 1 "))
+    assert top in first_row and items.filter(pl.col("item_id") == top)["title"][0] in first_row
+    missing = _cli("recs", "no-such-user", "--workspace", str(workspace))  # the latest run date
+    latest = RUN_DATE + dt.timedelta(days=2)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"recflow: error: user 'no-such-user' has no list on {latest}: not in that run's input"
+    runs = _cli("runs", "--last", "3", "--workspace", str(workspace))
+    assert runs.returncode == 0, runs.stderr
+    assert runs.stdout.count(str(RUN_DATE)) == 2 and str(RUN_DATE + dt.timedelta(days=2)) in runs.stdout
+    assert "ndcg@10" in runs.stdout and "champion ndcg@10" in runs.stdout
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nightly_run, tmp_path):
+    import numpy as np
+
+    from schemas.config import FeatureConfig, RetrievalConfig
+    from schemas.tables import Snapshot
+    from tasks import towers
+    from tasks.evaluate import champion_models
+    from tasks.features import build_features, load_features
+    from tasks.retrieval import warm_start
+    from tasks.tfenv import tf
+
+    workspace, _ = nightly_run
+    champion = champion_models(workspace)
+    published = workspace / "snapshots" / f"run_date={RUN_DATE}"
+    interactions = pl.read_parquet(published / "interactions.parquet")
+    dropped = interactions["user_id"].unique().sort().head(10)  # shifts every later user's index
+    source = tmp_path / "snapshot"
+    source.mkdir()
+    interactions.filter(~pl.col("user_id").is_in(dropped.implode())).write_parquet(source / "interactions.parquet")
+    (source / "items.parquet").write_bytes((published / "items.parquet").read_bytes())
+    snapshot = Snapshot(path=source, source="test", n_interactions=0, n_users=0, n_items=0, has_items=True,
+                        data_hash="", origin={})
+    feature_set = build_features(snapshot, tmp_path / "ws", RUN_DATE, FeatureConfig(), "warm-test")
+    features = load_features(feature_set.path)
+    model = towers.TwoTower(features, FeatureConfig().history_length, RetrievalConfig())
+    copied = warm_start(model, champion, features)
+
+    old = tf.saved_model.load(str(champion / "retrieval")).query_model
+    old_users = pl.read_parquet(champion / "vocab" / "users.parquet")
+    user = features.users.row(0, named=True)
+    old_idx = old_users.filter(pl.col("user_id") == user["user_id"])["user_idx"][0]
+    assert old_idx != user["user_idx"]
+    new_row = model.query_model.users.embeddings.numpy()[user["user_idx"]]
+    np.testing.assert_array_equal(new_row, old.users.embeddings.numpy()[old_idx])
+    np.testing.assert_array_equal(model.query_model.project.kernel.numpy(), old.project.kernel.numpy())
+    assert copied >= 7  # two id tables, positions, attention and projection weights, self-attention block
+
+    from flows.nightly import nightly
+
+    warm = nightly(small_config(workspace, run_date=RUN_DATE + dt.timedelta(days=3),
+                                retrieval={"max_epochs": 2, "batch_size": 512, "warm_start": True}))
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    run = MlflowClient(tracking_uri=uri).get_run(warm["mlflow_run_id"])
+    assert run.data.tags["warm_start_from"] == champion.name

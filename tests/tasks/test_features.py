@@ -54,7 +54,7 @@ def built(tmp_path):
     ).write_csv(raw / "items.csv")
     workspace = tmp_path / "workspace"
     snapshot = ingest(str(raw), RUN_DATE, workspace, SyntheticConfig(), seed=0)
-    feature_set = build_features(snapshot, workspace, RUN_DATE, FeatureConfig())
+    feature_set = build_features(snapshot, workspace, RUN_DATE, FeatureConfig(), "test-key")
     return workspace, feature_set, load_features(feature_set.path)
 
 
@@ -149,10 +149,10 @@ def test_features_are_published_under_the_run_date_partition(built):
 
     assert feature_set.path == workspace / "features" / "run_date=2024-03-01"
     assert sorted(p.name for p in feature_set.path.iterdir()) == [
-        "events.parquet", "items.parquet", "meta.json", "users.parquet",
+        "_stage.json", "events.parquet", "items.parquet", "users.parquet",
     ]
-    meta = json.loads((feature_set.path / "meta.json").read_text())
-    assert meta["split_sizes"] == {"fit": 15, "valid": 2, "test": 4}
+    stage = json.loads((feature_set.path / "_stage.json").read_text())
+    assert stage["key"] == "test-key" and stage["record"]["split_sizes"] == {"fit": 15, "valid": 2, "test": 4}
     assert not any(p.name.startswith("features-") for p in (workspace / ".tmp").iterdir())
 
 

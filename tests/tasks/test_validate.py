@@ -28,7 +28,7 @@ def write_source(directory: Path, interactions: pl.DataFrame, items: pl.DataFram
 def run(tmp_path: Path, interactions: pl.DataFrame, items: pl.DataFrame | None = None, **cfg):
     source = write_source(tmp_path / "source", interactions, items)
     snapshot = ingest(str(source), RUN_DATE, tmp_path / "ws", SMALL, seed=0)
-    return validate(snapshot, tmp_path / "ws", RUN_DATE, ValidationConfig(**cfg))
+    return validate(snapshot, tmp_path / "ws", RUN_DATE, ValidationConfig(**cfg), "test-key")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,68 @@
+"""Incremental nights: a rerun of the same date with unchanged input against the first run.
+
+Runs the real `recflow run` twice on one dataset and date in a fresh workspace, each as
+its own process (start-up included), and reports both wall times, their ratio and whether
+the published partition is byte-for-byte identical. Target: the rerun under a third of the
+first run's time.
+
+    python bench/rerun.py ../shared/datasets/ml-latest-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_DATE = "2026-11-27"
+
+
+def timed_run(source: str, workspace: Path) -> tuple[float, dict]:
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--source", source, "--run-date", RUN_DATE,
+         "--workspace", str(workspace)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    return time.perf_counter() - started, json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def checksums(partition: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(partition.iterdir())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", help="a dataset directory, or 'synthetic'")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rerun.json")
+    args = parser.parse_args()
+    source = args.dataset if args.dataset == "synthetic" else str(Path(args.dataset).resolve())
+    with tempfile.TemporaryDirectory() as scratch:
+        workspace = Path(scratch) / "ws"
+        first_seconds, first = timed_run(source, workspace)
+        before = checksums(Path(first["output"]))
+        second_seconds, second = timed_run(source, workspace)
+        identical = checksums(Path(second["output"])) == before
+    report = {
+        "dataset": args.dataset,
+        "first_run_s": round(first_seconds, 1),
+        "rerun_s": round(second_seconds, 1),
+        "ratio": round(second_seconds / first_seconds, 3),
+        "target_ratio": round(1 / 3, 3),
+        "identical_output": identical,
+        "reused_stages": second["reused_stages"],
+        "rerun_stage_seconds": {k: v for k, v in second.items() if k.startswith("time_")},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

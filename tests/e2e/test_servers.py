@@ -1,0 +1,193 @@
+"""Production paths against real servers: `recflow stack up` starts a Prefect server and an
+MLflow tracking server on free loopback ports, `recflow serve` serves the deployments, a run
+is triggered through the Prefect API with non-default parameters, and both UIs are opened in
+headless Chromium."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from tests.e2e.test_nightly import ROOT, SMALL
+
+pytestmark = pytest.mark.slow
+
+RUN_DATE = dt.date(2026, 11, 25)
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("stack")
+    ports = {"prefect": _free_port(), "mlflow": _free_port()}
+    started = _cli("stack", "up", "--dir", str(directory), "--prefect-port", str(ports["prefect"]),
+                   "--mlflow-port", str(ports["mlflow"]))
+    try:
+        assert started.returncode == 0, started.stderr + started.stdout
+        urls = {"prefect": f"http://127.0.0.1:{ports['prefect']}", "mlflow": f"http://127.0.0.1:{ports['mlflow']}"}
+        assert f"PREFECT_API_URL={urls['prefect']}/api" in started.stdout
+        status = _cli("stack", "status", "--dir", str(directory))
+        assert status.returncode == 0 and all(s["healthy"] for s in json.loads(status.stdout).values())
+        yield urls
+    finally:
+        stopped = _cli("stack", "down", "--dir", str(directory))
+        assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(scope="module")
+def served_run(stack, tmp_path_factory):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    workspace = tmp_path_factory.mktemp("served-workspace")
+    config = tmp_path_factory.mktemp("config") / "small.json"
+    config.write_text(json.dumps({"synthetic": SMALL.model_dump(), "retrieval": {"max_epochs": 4, "batch_size": 512}}))
+    env = os.environ | {"PREFECT_API_URL": f"{stack['prefect']}/api", "MLFLOW_TRACKING_URI": stack["mlflow"]}
+    log = open(workspace.parent / "serve.log", "w")
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--config", str(config), "--workspace", str(workspace),
+         "--timezone", "Europe/Berlin"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        with temporary_settings({PREFECT_API_URL: f"{stack['prefect']}/api"}):
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        deployment = client.read_deployment_by_name("recflow-nightly/nightly")
+                        break
+                    except ObjectNotFound:
+                        assert serving.poll() is None, (workspace.parent / "serve.log").read_text()
+                        assert time.monotonic() < deadline, "the deployment never appeared"
+                        time.sleep(1)
+                parameters = deployment.parameters["config"] | {"run_date": RUN_DATE.isoformat(), "top_k": 7}
+                flow_run = run_deployment("recflow-nightly/nightly", parameters={"config": parameters}, timeout=900)
+                artifacts = client.read_artifacts()
+                yield {
+                    "deployment": deployment,
+                    "flow_run": flow_run,
+                    "artifacts": [a for a in artifacts if a.flow_run_id == flow_run.id],
+                    "workspace": workspace,
+                    "urls": stack,
+                }
+    finally:
+        os.killpg(serving.pid, signal.SIGINT)
+        try:
+            serving.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+        log.close()
+
+
+def _mlflow_run(served_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=served_run["urls"]["mlflow"], registry_uri=served_run["urls"]["mlflow"])
+    experiment = client.get_experiment_by_name("recflow")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def test_served_deployment_has_the_nightly_schedule_and_a_parameters_form(served_run):
+    deployment = served_run["deployment"]
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+    assert schedule.active
+    schema = deployment.parameter_openapi_schema
+    assert "config" in schema["properties"] and "PipelineConfig" in json.dumps(schema)
+
+
+def test_a_run_triggered_through_the_api_completes_with_artifacts_mlflow_and_output(served_run):
+    flow_run = served_run["flow_run"]
+    assert flow_run.state.is_completed(), flow_run.state
+    keys = {a.key for a in served_run["artifacts"]}
+    assert {"validation", "metrics", "champion-decision", "mlflow-run", "nightly-summary"} <= keys
+    client, run = _mlflow_run(served_run)
+    assert run.data.params["top_k"] == "7" and run.data.params["run_date"] == RUN_DATE.isoformat()
+    assert {"ndcg_at_10", "recall_at_10", "popularity_ndcg_at_10", "time_total_s"} <= set(run.data.metrics)
+    assert client.get_model_version_by_alias("recflow-retrieval", "champion").run_id == run.info.run_id
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/recall_at_k.png", "plots/training.png"
+    }
+    table = pl.read_parquet(served_run["workspace"] / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    assert table.group_by("user_id").len()["len"].unique().to_list() == [7]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("headless Chromium is missing: apt-get install chromium chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    yield session
+    session.quit()
+
+
+def _wait_for_text(browser, text: str, timeout: float = 60) -> None:
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while text not in browser.find_element(By.TAG_NAME, "body").text:
+        assert time.monotonic() < deadline, f"{text!r} never appeared on {browser.current_url}"
+        time.sleep(0.5)
+
+
+def test_prefect_ui_shows_the_runs_metrics_table(served_run, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{served_run['urls']['prefect']}/runs/flow-run/{served_run['flow_run'].id}")
+    _wait_for_text(browser, "Artifacts")
+    browser.find_element(By.XPATH, "//li[contains(@class, 'p-tab')][normalize-space()='Artifacts']").click()
+    _wait_for_text(browser, "champion-decision")
+    browser.find_element(By.XPATH, "//*[contains(@class, 'artifact-card__title')][normalize-space()='metrics']").click()
+    _, run = _mlflow_run(served_run)
+    value = f"{run.data.metrics['ndcg_at_10']:.4f}"
+    _wait_for_text(browser, "ndcg_at_10")
+    _wait_for_text(browser, value)
+    browser.save_screenshot(str(SCREENSHOTS / "prefect-flow-run-metrics.png"))
+
+
+def test_mlflow_ui_shows_the_runs_metrics(served_run, browser):
+    from selenium.webdriver.common.by import By
+
+    _, run = _mlflow_run(served_run)
+    browser.get(f"{served_run['urls']['mlflow']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    _wait_for_text(browser, "ndcg_at_10")
+    value = run.data.metrics["ndcg_at_10"]
+    _wait_for_text(browser, str(value)[:5])  # the UI prints the full value
+    heading = browser.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), 'Metrics (')]")
+    browser.execute_script("arguments[0].scrollIntoView();", heading)
+    browser.save_screenshot(str(SCREENSHOTS / "mlflow-run.png"))
