@@ -84,6 +84,7 @@ def serve(
     this process, whether scheduled or triggered from the UI with their parameters form.
     """
     pipeline_config = _pipeline_config(config, source=source, workspace=workspace, top_k=top_k)
+    _check_prefect()
     from flows.stack import serve_deployments
 
     try:
@@ -176,12 +177,30 @@ def _pipeline_config(path: Path | None, **flags):
 def _user_errors_in_one_line(flow, *args):
     from tasks.workspace import RecflowError
 
+    _check_prefect()
     _quiet_user_errors(RecflowError)
     try:
         return flow(*args)
     except RecflowError as error:
         logging.getLogger("prefect").setLevel(logging.WARNING)  # keep our line last
         _fail(str(error))
+
+
+def _check_prefect() -> None:
+    """With PREFECT_API_URL set, fail fast when that server does not answer."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return  # ephemeral mode: the flow starts its own temporary server
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10):
+            return
+    except OSError as error:
+        _fail(f"Prefect API {url} is unreachable ({getattr(error, 'reason', error)}); start it (`recflow stack up`) "
+              "or unset PREFECT_API_URL to run in ephemeral mode")
 
 
 def _workspace(workspace: Path | None) -> Path:

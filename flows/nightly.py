@@ -14,14 +14,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from schemas.config import PipelineConfig
 from schemas.tables import ChampionDecision, FeatureSet, ModelSet, PublishedTable, Snapshot
-from tasks.evaluate import champion_models, end_run, evaluate_task, log_run_data, run_link, start_run
+from tasks.evaluate import champion_models, check_tracking, end_run, evaluate_task, log_run_data, run_link, start_run
 from tasks.features import features_task
 from tasks.ingest import fingerprint, ingest_task
 from tasks.ranking import train_ranking_task
 from tasks.retrieval import train_retrieval_task
 from tasks.score import publish_task, score_task
 from tasks.validate import summary_markdown, validate_task
-from tasks.workspace import RecflowError, clean_temp, code_version, partition, publish_dir, reuse, stage_key, stamp, temp_dir
+from tasks.workspace import RecflowError, clean_temp, code_version, locked, partition, publish_dir, reuse, stage_key, stamp, temp_dir
 
 
 STAGES = ("ingest", "validate", "features", "train_retrieval", "train_ranking", "evaluate", "score", "publish")
@@ -36,111 +36,113 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
     """
     logger = get_run_logger()
     run_date, workspace = config.resolved_run_date(), config.workspace_path()
-    workspace.mkdir(parents=True, exist_ok=True)
-    clean_temp(workspace)
-    timings: dict[str, float] = {}
-    reused: list[str] = []
+    check_tracking(workspace)
+    with locked(workspace):  # one run per workspace at a time
+        clean_temp(workspace)
+        timings: dict[str, float] = {}
+        reused: list[str] = []
 
-    def timed(name, task, *args):
+        def timed(name, task, *args):
+            started = time.perf_counter()
+            logger.info("stage %s: started", name)
+            result = task(*args)
+            timings[f"time_{name}_s"] = round(time.perf_counter() - started, 2)
+            logger.info("stage %s: done in %.1f s", name, timings[f"time_{name}_s"])
+            return result
+
+        def cached(stages, path, key, record_type, compute):
+            found = reuse(path, key, record_type)
+            if found is None:
+                return compute()
+            reused.extend(stages)
+            logger.info("stages %s: reused %s (same input, config and code: key %s)", ", ".join(stages), path, key)
+            return found
+
         started = time.perf_counter()
-        logger.info("stage %s: started", name)
-        result = task(*args)
-        timings[f"time_{name}_s"] = round(time.perf_counter() - started, 2)
-        logger.info("stage %s: done in %.1f s", name, timings[f"time_{name}_s"])
-        return result
-
-    def cached(stages, path, key, record_type, compute):
-        found = reuse(path, key, record_type)
-        if found is None:
-            return compute()
-        reused.extend(stages)
-        logger.info("stages %s: reused %s (same input, config and code: key %s)", ", ".join(stages), path, key)
-        return found
-
-    started = time.perf_counter()
-    snapshot_key = stage_key(
-        "snapshot", fingerprint(config.source, run_date, config.synthetic, config.seed), config.validation, code_version()
-    )
-    snapshot = cached(
-        ["ingest", "validate"], partition(workspace, "snapshots", run_date), snapshot_key, Snapshot,
-        lambda: timed(
-            "validate", validate_task,
-            timed("ingest", ingest_task, config.source, run_date, workspace, config.synthetic, config.seed),
-            workspace, run_date, config.validation, snapshot_key,
-        ),
-    )
-    create_markdown_artifact(summary_markdown([], snapshot), key="validation", description="GE gate")
-    params = _flatten(config.model_dump(mode="json", exclude={"run_date", "workspace"})) | {"run_date": run_date}
-    run_id = start_run(workspace, config.mlflow_experiment, run_date, config.source, snapshot.data_hash, params)
-    try:
-        feature_key = stage_key("features", snapshot_key, config.features)
-        feature_set = cached(
-            ["features"], partition(workspace, "features", run_date), feature_key, FeatureSet,
-            lambda: timed("features", features_task, snapshot, workspace, run_date, config.features, feature_key),
+        snapshot_key = stage_key(
+            "snapshot", fingerprint(config.source, run_date, config.synthetic, config.seed), config.validation, code_version()
         )
-        warm = champion_models(workspace) if config.retrieval.warm_start else None
-        models_key = stage_key(
-            "models", feature_key, config.retrieval, config.ranking, config.seed, warm.name if warm else None
-        )
-        models = cached(
-            ["train_retrieval", "train_ranking"], workspace / "models" / models_key, models_key, ModelSet,
-            lambda: _train(config, feature_set, workspace, models_key, warm, timed),
-        )
-        decision = timed(
-            "evaluate", evaluate_task, feature_set, feature_key, models, run_id, workspace, config.retrieval.candidates
-        )
-        output_key = stage_key(
-            "recommendations", feature_key, decision.models_path.name, decision.model_version, decision.mlflow_run_id,
-            config.top_k, config.retrieval.candidates,
-        )
-        manifest = {"run_date": run_date.isoformat(), "mlflow_run_id": run_id, "model_version": decision.model_version}
-        published = cached(
-            ["score", "publish"], partition(workspace, "recommendations", run_date), output_key, PublishedTable,
+        snapshot = cached(
+            ["ingest", "validate"], partition(workspace, "snapshots", run_date), snapshot_key, Snapshot,
             lambda: timed(
-                "publish", publish_task,
-                timed("score", score_task, feature_set, decision, workspace, run_date,
-                      config.retrieval.candidates, config.top_k),
-                workspace, run_date, manifest, output_key,
+                "validate", validate_task,
+                timed("ingest", ingest_task, config.source, run_date, workspace, config.synthetic, config.seed,
+                          config.validation),
+                workspace, run_date, config.validation, snapshot_key,
             ),
         )
-        timings["time_total_s"] = round(time.perf_counter() - started, 2)
-        log_run_data(
-            workspace,
-            run_id,
-            {f"time_{stage}_s": 0.0 for stage in STAGES}
-            | timings
-            | {f"retrieval_{k}": v for k, v in models.retrieval.metrics.items()}
-            | {f"ranking_{k}": v for k, v in models.ranking.metrics.items()}
-            | {"retrieval_epochs": models.retrieval.epochs, "stages_reused": len(reused)}
-            | {"output_rows": published.rows, "output_users": published.users}
-            | {"data_interactions": snapshot.n_interactions, "data_users": snapshot.n_users, "data_items": snapshot.n_items}
-            | {f"data_{split}_events": size for split, size in feature_set.split_sizes.items()},
-            {"validation": snapshot.path / "validation"},
-            {"reused_stages": ",".join(reused) or "none", "model_key": models_key,
-             "warm_start_from": warm.name if warm else "none"},
-        )
-    except BaseException:
-        end_run(workspace, run_id, failed=True)
-        raise
-    end_run(workspace, run_id)
-    link = run_link(workspace, run_id)
-    summary = {
-        "run_date": run_date.isoformat(),
-        "mlflow_run_id": run_id,
-        "mlflow_run": link,
-        "champion": decision.reason,
-        "promoted": decision.promoted,
-        "model_version": decision.model_version,
-        "output": str(published.path),
-        "rows": published.rows,
-        "users": published.users,
-        "reused_stages": reused,
-        **{k: round(v, 4) for k, v in decision.metrics.items() if "ndcg" in k or "recall" in k},
-        **timings,
-    }
-    _artifacts(summary, decision, link)
-    logger.info("published %s: %d users, %d rows; %s", published.path, published.users, published.rows, decision.reason)
-    return summary
+        create_markdown_artifact(summary_markdown([], snapshot), key="validation", description="GE gate")
+        params = _flatten(config.model_dump(mode="json", exclude={"run_date", "workspace"})) | {"run_date": run_date}
+        run_id = start_run(workspace, config.mlflow_experiment, run_date, config.source, snapshot.data_hash, params)
+        try:
+            feature_key = stage_key("features", snapshot_key, config.features)
+            feature_set = cached(
+                ["features"], partition(workspace, "features", run_date), feature_key, FeatureSet,
+                lambda: timed("features", features_task, snapshot, workspace, run_date, config.features, feature_key),
+            )
+            warm = champion_models(workspace) if config.retrieval.warm_start else None
+            models_key = stage_key(
+                "models", feature_key, config.retrieval, config.ranking, config.seed, warm.name if warm else None
+            )
+            models = cached(
+                ["train_retrieval", "train_ranking"], workspace / "models" / models_key, models_key, ModelSet,
+                lambda: _train(config, feature_set, workspace, models_key, warm, timed),
+            )
+            decision = timed(
+                "evaluate", evaluate_task, feature_set, feature_key, models, run_id, workspace, config.retrieval.candidates
+            )
+            output_key = stage_key(
+                "recommendations", feature_key, decision.models_path.name, decision.model_version, decision.mlflow_run_id,
+                config.top_k, config.retrieval.candidates,
+            )
+            manifest = {"run_date": run_date.isoformat(), "mlflow_run_id": run_id, "model_version": decision.model_version}
+            published = cached(
+                ["score", "publish"], partition(workspace, "recommendations", run_date), output_key, PublishedTable,
+                lambda: timed(
+                    "publish", publish_task,
+                    timed("score", score_task, feature_set, decision, workspace, run_date,
+                          config.retrieval.candidates, config.top_k),
+                    workspace, run_date, manifest, output_key,
+                ),
+            )
+            timings["time_total_s"] = round(time.perf_counter() - started, 2)
+            log_run_data(
+                workspace,
+                run_id,
+                {f"time_{stage}_s": 0.0 for stage in STAGES}
+                | timings
+                | {f"retrieval_{k}": v for k, v in models.retrieval.metrics.items()}
+                | {f"ranking_{k}": v for k, v in models.ranking.metrics.items()}
+                | {"retrieval_epochs": models.retrieval.epochs, "stages_reused": len(reused)}
+                | {"output_rows": published.rows, "output_users": published.users}
+                | {"data_interactions": snapshot.n_interactions, "data_users": snapshot.n_users, "data_items": snapshot.n_items}
+                | {f"data_{split}_events": size for split, size in feature_set.split_sizes.items()},
+                {"validation": snapshot.path / "validation"},
+                {"reused_stages": ",".join(reused) or "none", "model_key": models_key,
+                 "warm_start_from": warm.name if warm else "none"},
+            )
+        except BaseException:
+            end_run(workspace, run_id, failed=True)
+            raise
+        end_run(workspace, run_id)
+        link = run_link(workspace, run_id)
+        summary = {
+            "run_date": run_date.isoformat(),
+            "mlflow_run_id": run_id,
+            "mlflow_run": link,
+            "champion": decision.reason,
+            "promoted": decision.promoted,
+            "model_version": decision.model_version,
+            "output": str(published.path),
+            "rows": published.rows,
+            "users": published.users,
+            "reused_stages": reused,
+            **{k: round(v, 4) for k, v in decision.metrics.items() if "ndcg" in k or "recall" in k},
+            **timings,
+        }
+        _artifacts(summary, decision, link)
+        logger.info("published %s: %d users, %d rows; %s", published.path, published.users, published.rows, decision.reason)
+        return summary
 
 
 @flow(name="recflow-backfill")

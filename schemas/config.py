@@ -11,7 +11,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -39,6 +39,14 @@ class ValidationConfig(_Section):
     rating_max: float = 5.0
     max_duplicate_rate: float = Field(
         0.05, ge=0, le=1, description="largest allowed share of exact duplicate (user, item, timestamp) events"
+    )
+    max_volume_drop: float = Field(
+        0.5, ge=0, le=1, description="largest allowed drop in interactions against the latest earlier run date"
+    )
+    max_bad_row_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of interactions that may be quarantined row by row (bad id, timestamp or rating) "
+        "while the run goes on; 0 = any bad row fails the run",
     )
 
 
@@ -98,6 +106,13 @@ class PipelineConfig(_Section):
     features: FeatureConfig = FeatureConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     ranking: RankingConfig = RankingConfig()
+
+    @field_validator("workspace")
+    @classmethod
+    def _no_parent_references(cls, value: str) -> str:
+        if ".." in Path(value).parts:
+            raise ValueError(f"{value!r} must not contain '..' (give the workspace directory itself)")
+        return value
 
     def resolved_run_date(self) -> dt.date:
         return self.run_date or dt.datetime.now(dt.timezone.utc).date()

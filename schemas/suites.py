@@ -8,6 +8,7 @@ timestamps, and an items table, when given, bounds which items interactions may 
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
@@ -18,7 +19,10 @@ from schemas.tables import INTERACTIONS_REQUIRED
 NON_EMPTY = r"\S"
 
 
-def interactions_suite(cfg: ValidationConfig, run_date: dt.date, item_ids: list[str] | None) -> gx.ExpectationSuite:
+def interactions_suite(
+    cfg: ValidationConfig, run_date: dt.date, item_ids: list[str] | None, previous: tuple[dt.date, int] | None = None
+) -> gx.ExpectationSuite:
+    """`previous` is (run date, interactions) of the latest earlier snapshot, for the volume check."""
     end_of_run_date = int(dt.datetime.combine(run_date + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()) - 1
     expectations = [
         *(gxe.ExpectColumnToExist(column=column) for column in INTERACTIONS_REQUIRED),
@@ -39,6 +43,12 @@ def interactions_suite(cfg: ValidationConfig, run_date: dt.date, item_ids: list[
     ]
     if item_ids is not None:
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=item_ids))
+    if previous is not None:
+        day, rows = previous
+        expectations.append(gxe.ExpectTableRowCountToBeBetween(
+            min_value=math.ceil((1 - cfg.max_volume_drop) * rows),
+            meta={"check": f"volume drop: {day} had {rows} interactions, max_volume_drop is {cfg.max_volume_drop:g}"},
+        ))
     return gx.ExpectationSuite(name="interactions", expectations=expectations)
 
 

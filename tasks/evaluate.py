@@ -24,7 +24,7 @@ from schemas.tables import ChampionDecision, FeatureSet, ModelSet
 from tasks.features import Features, load_features, user_histories
 from tasks.retrieval import RetrievalBundle, as_table, retrieve, rows_of
 from tasks.score import recommend
-from tasks.workspace import code_version, publish_dir, temp_dir, write_json
+from tasks.workspace import RecflowError, code_version, publish_dir, temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ def evaluate(
                 f"champion v{champion[0].version} ({held['ndcg']:.4f})"
             )
     if promote:
-        for name in (RETRIEVAL_MODEL, RANKING_MODEL):
+        # The retrieval model's alias is the commit point (`_champion` reads only it), so it
+        # moves last: a run killed in between leaves the old champion whole.
+        for name in (RANKING_MODEL, RETRIEVAL_MODEL):
             client.set_registered_model_alias(name, CHAMPION, version)
         scoring = (run_id, version, models.path)
     else:
@@ -225,6 +227,23 @@ def model_lists(
 
 
 # --- MLflow --------------------------------------------------------------------------
+
+
+def check_tracking(workspace: Path) -> None:
+    """Fail fast, before any heavy work, when the MLflow tracking server does not answer."""
+    import urllib.request
+
+    uri = tracking_uri(workspace)
+    if not uri.startswith("http"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            return
+    except OSError as error:
+        raise RecflowError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(error, 'reason', error)}); start it "
+            "(`recflow stack up`) or unset MLFLOW_TRACKING_URI to track in the workspace's sqlite store"
+        ) from None
 
 
 def tracking_uri(workspace: Path) -> str:

@@ -30,27 +30,44 @@ import numpy as np
 import polars as pl
 from prefect import task
 
-from schemas.config import SyntheticConfig
+from schemas.config import SyntheticConfig, ValidationConfig
 from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
 from tasks.workspace import RecflowError, stage_key, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
 
+REJECTED = "rejected_rows.parquet"  # staged beside the snapshot; validation quarantines it
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens"
 MOVIELENS_ARCHIVES = ("ml-latest-small", "ml-latest", "ml-20m", "ml-25m", "ml-32m")
 
 
-def ingest(source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int) -> Snapshot:
-    """Read `source`, normalise it and stage it as parquet; return the staged snapshot."""
+def ingest(
+    source: str,
+    run_date: dt.date,
+    workspace: Path,
+    synthetic: SyntheticConfig,
+    seed: int,
+    validation: ValidationConfig | None = None,
+) -> Snapshot:
+    """Read `source`, normalise it and stage it as parquet; return the staged snapshot.
+
+    With `validation.max_bad_row_fraction` above zero, rows that break a row-level rule are
+    staged apart (REJECTED, with a reason each) for validation to quarantine.
+    """
+    lenient = validation is not None and validation.max_bad_row_fraction > 0
     if source == "synthetic":
         interactions, items = generate_synthetic(synthetic, run_date, seed)
         users, origin = None, {"interactions": "synthetic", "items": "synthetic"}
     else:
         directory = _directory(source)
-        interactions, items, users = read_directory(directory)
+        interactions, items, users = read_directory(directory, lenient)
         origin = {table: str(path) for table, path in source_files(directory).items()}
     interactions = up_to(interactions, run_date)
     staged = temp_dir(workspace, "snapshot")
+    if lenient:
+        interactions, rejected = quarantine_rows(interactions, items, validation, origin["interactions"])
+        if rejected.height:
+            write_parquet(rejected, staged / REJECTED)
     write_parquet(interactions, staged / "interactions.parquet")
     if items is not None:
         write_parquet(items, staged / "items.parquet")
@@ -84,6 +101,41 @@ def fingerprint(source: str, run_date: dt.date, synthetic: SyntheticConfig, seed
     return stage_key(_hash_files(sorted(source_files(directory).values())), run_date)
 
 
+def quarantine_rows(
+    interactions: pl.DataFrame, items: pl.DataFrame | None, cfg: ValidationConfig, path: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split off the rows that break a row-level rule, each with its reason; fail when they
+    are more than `cfg.max_bad_row_fraction` of the table."""
+    def empty(column: str) -> pl.Expr:
+        return pl.col(column).is_null() | (pl.col(column).str.strip_chars() == "")
+
+    rules = [
+        (pl.col("problem").is_not_null(), pl.col("problem")),
+        (empty("user_id"), pl.lit("empty user_id")),
+        (empty("item_id"), pl.lit("empty item_id")),
+        (pl.col("timestamp") < 0, pl.lit("negative timestamp")),
+        (pl.col("timestamp") > int(time.time()), pl.lit("timestamp in the future")),
+        (~pl.col("rating").is_between(cfg.rating_min, cfg.rating_max),
+         pl.lit(f"rating outside [{cfg.rating_min}, {cfg.rating_max}]")),
+    ]
+    if items is not None:
+        rules.append((~pl.col("item_id").is_in(items["item_id"].implode()), pl.lit("item not in the items table")))
+    reason = pl.coalesce([pl.when(rule.fill_null(False)).then(text) for rule, text in rules])
+    tagged = interactions.with_columns(reason.alias("reason")).drop("problem")
+    rejected = tagged.filter(pl.col("reason").is_not_null())
+    share = rejected.height / max(tagged.height, 1)
+    if share > cfg.max_bad_row_fraction:
+        counts = rejected.group_by("reason").len().sort("len", descending=True).head(3).rows()
+        raise RecflowError(
+            f"{path}: {rejected.height} of {tagged.height} rows ({share:.1%}) are bad, more than "
+            f"max_bad_row_fraction {cfg.max_bad_row_fraction:.1%} allows: "
+            + "; ".join(f"{count} x {text}" for text, count in counts)
+        )
+    if rejected.height:
+        log.warning("%s: %d bad row(s) quarantined (%.2f%%)", path, rejected.height, 100 * share)
+    return tagged.filter(pl.col("reason").is_null()).drop("reason"), rejected
+
+
 def up_to(interactions: pl.DataFrame, run_date: dt.date) -> pl.DataFrame:
     """Drop events after the run date (a backfill's future); keep those after now for
     validation to reject."""
@@ -103,16 +155,19 @@ def _directory(source: str) -> Path:
     return fetch_movielens(source.split(":", 1)[1]) if source.startswith("movielens:") else Path(source)
 
 
-def read_directory(directory: Path) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
-    """Read a generic-layout or MovieLens directory into normalised frames."""
+def read_directory(
+    directory: Path, lenient: bool = False
+) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
+    """Read a generic-layout or MovieLens directory into normalised frames (see
+    `normalise_interactions` for `lenient`)."""
     if not directory.is_dir():
         raise RecflowError(f"source {str(directory)!r} is not a directory, 'synthetic' or 'movielens:<name>'")
     if (directory / "ratings.csv").exists() and _find(directory, "interactions") is None:
-        return _read_movielens(directory)
+        return _read_movielens(directory, lenient)
     path = _find(directory, "interactions")
     if path is None:
         raise RecflowError(f"{directory}: no interactions.csv or interactions.parquet (nor MovieLens ratings.csv)")
-    interactions = normalise_interactions(_read_table(path), path)
+    interactions = normalise_interactions(_read_table(path), path, lenient)
     items_path = _find(directory, "items")
     items = normalise_items(_read_table(items_path), items_path) if items_path else None
     users_path = _find(directory, "users")
@@ -130,12 +185,12 @@ def source_files(directory: Path) -> dict[str, Path]:
     return {table: path for table in ("interactions", "items", "users") if (path := _find(directory, table))}
 
 
-def _read_movielens(directory: Path):
+def _read_movielens(directory: Path, lenient: bool):
     ratings_path = directory / "ratings.csv"
     ratings = _read_table(ratings_path)
     _require(ratings, ("userId", "movieId", "timestamp"), ratings_path)
     interactions = normalise_interactions(
-        ratings.rename({"userId": "user_id", "movieId": "item_id"}), ratings_path
+        ratings.rename({"userId": "user_id", "movieId": "item_id"}), ratings_path, lenient
     )
     items = None
     movies_path = directory / "movies.csv"
@@ -175,17 +230,27 @@ def _read_table(path: Path) -> pl.DataFrame:
 def _require(frame: pl.DataFrame, columns, path: Path) -> None:
     missing = [column for column in columns if column not in frame.columns]
     if missing:
+        hint = ""
+        if len(frame.columns) == 1 and (separator := next((c for c in ";\t|" if c in frame.columns[0]), None)):
+            hint = f" (the header looks {separator!r}-separated; recflow reads comma-separated CSV)"
         raise RecflowError(
-            f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}"
+            f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}{hint}"
         )
 
 
 # --- normalisation -------------------------------------------------------------------
 
 
-def normalise_interactions(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
-    """Map raw interactions onto the INTERACTIONS schema; unparseable values are errors."""
+def normalise_interactions(frame: pl.DataFrame, path: Path, lenient: bool = False) -> pl.DataFrame:
+    """Map raw interactions onto the INTERACTIONS schema; unparseable values are errors.
+
+    `lenient` instead keeps such rows, with what is wrong in an extra `problem` column, for
+    `quarantine_rows`. Columns the contract does not know are reported and left out.
+    """
     _require(frame, INTERACTIONS_REQUIRED, path)
+    extra = [column for column in frame.columns if column not in INTERACTIONS.names()]
+    if extra:
+        log.warning("%s: column(s) %s are not part of the input contract and are not used", path, ", ".join(extra))
     columns = [
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
@@ -195,10 +260,14 @@ def normalise_interactions(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
         columns.append(pl.col(name).cast(pl.Float64, strict=False) if name in frame.columns else pl.lit(None, pl.Float64).alias(name))
     columns.append(pl.col("event_type").cast(pl.String) if "event_type" in frame.columns else pl.lit(None, pl.String).alias("event_type"))
     normalised = frame.select(columns).select(INTERACTIONS.names())
-    for name in ("timestamp", "rating", "weight"):
+    problem = pl.lit(None, pl.String)
+    for name in ("weight", "rating", "timestamp"):  # the first problem of a row wins
         if name in frame.columns:
-            _reject_unparsed(frame[name], normalised[name], name, path)
-    return normalised
+            if not lenient:
+                _reject_unparsed(frame[name], normalised[name], name, path)
+            unparsed = _unparsed(frame[name], normalised[name])
+            problem = pl.when(unparsed).then(pl.format(f"{name} {{}} cannot be parsed", frame[name].cast(pl.String))).otherwise(problem)
+    return normalised.with_columns(problem.alias("problem")) if lenient else normalised
 
 
 def _timestamp_seconds(raw: pl.Series) -> pl.Series:
@@ -215,8 +284,12 @@ def _timestamp_seconds(raw: pl.Series) -> pl.Series:
     return pl.select(pl.coalesce(numeric, parsed)).to_series()
 
 
+def _unparsed(raw: pl.Series, parsed: pl.Series) -> pl.Series:
+    return raw.is_not_null() & (raw.cast(pl.String).str.strip_chars() != "") & parsed.is_null()
+
+
 def _reject_unparsed(raw: pl.Series, parsed: pl.Series, name: str, path: Path) -> None:
-    bad = (raw.is_not_null() & (raw.cast(pl.String).str.strip_chars() != "") & parsed.is_null()).arg_true()
+    bad = _unparsed(raw, parsed).arg_true()
     if bad.len():
         sample = ", ".join(f"row {i + 2}: {raw[i]!r}" for i in bad.head(3).to_list())
         raise RecflowError(f"{path}: column {name!r} has {bad.len()} value(s) that cannot be parsed ({sample})")
@@ -402,5 +475,7 @@ def _synthetic_items(rng: np.random.Generator, item_cluster: np.ndarray, n_categ
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), RecflowError))
-def ingest_task(source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int) -> Snapshot:
-    return ingest(source, run_date, workspace, synthetic, seed)
+def ingest_task(
+    source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int, validation: ValidationConfig
+) -> Snapshot:
+    return ingest(source, run_date, workspace, synthetic, seed, validation)

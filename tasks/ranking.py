@@ -65,23 +65,26 @@ def train_ranking(
     )
     # One example per user: its candidate list, with the picked items sharing a target mass of one.
     keep = labels.sum(axis=1) > 0
-    lists = {
-        "user_idx": users[keep],
-        "item_idx": candidates[keep].astype(np.int32),
-        "numeric": inputs["numeric"].reshape(*candidates.shape, -1)[keep],
-    }
+    every = {"user_idx": users, "item_idx": candidates.astype(np.int32),
+             "numeric": inputs["numeric"].reshape(*candidates.shape, -1)}
+    lists = {name: values[keep] for name, values in every.items()}
     targets = (labels[keep] / labels[keep].sum(axis=1, keepdims=True)).astype(np.float32)
     model = towers.Ranker(features, cfg)
-    model.adapt(lists)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    dataset = tf.data.Dataset.from_tensor_slices((lists, targets)).shuffle(int(keep.sum()), seed=seed).batch(cfg.batch_size)
-    history = model.fit(dataset, epochs=cfg.epochs, verbose=0)
+    losses: list[float] = []
+    if keep.any():
+        model.adapt(lists)
+        dataset = tf.data.Dataset.from_tensor_slices((lists, targets)).shuffle(int(keep.sum()), seed=seed).batch(cfg.batch_size)
+        losses = [float(v) for v in model.fit(dataset, epochs=cfg.epochs, verbose=0).history["loss"]]
+    else:  # tiny data: no user picked a candidate; an untrained ranker keeps the retrieval order
+        log.warning("ranking: no validation pick among the candidates; the ranker keeps the retrieval order")
+        model.adapt(every)
     model.export(out)
-    metrics = {"train_loss": float(history.history["loss"][-1]), "positive_rate": float(labels.mean())}
+    metrics = {"train_loss": losses[-1] if losses else float("nan"), "positive_rate": float(labels.mean())}
     log.info("ranking: %d examples, %s", labels.size, metrics)
     return TrainedModel(
-        path=out, epochs=cfg.epochs, seconds=time.perf_counter() - started, metrics=metrics,
-        history={"train loss": [float(v) for v in history.history["loss"]]},
+        path=out, epochs=cfg.epochs if losses else 0, seconds=time.perf_counter() - started, metrics=metrics,
+        history={"train loss": losses},
     )
 
 

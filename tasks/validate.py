@@ -10,6 +10,7 @@ expectation, the file and a sample of offending values; nothing downstream is wr
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import warnings
@@ -20,7 +21,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from schemas.tables import Snapshot
-from tasks.workspace import RecflowError, partition, publish_dir, stamp, write_json
+from tasks.ingest import REJECTED
+from tasks.workspace import STAGE_RECORD, RecflowError, partition, publish_dir, stamp, temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: s
     """Validate the staged snapshot; publish it (stamped with its cache `key`), or
     quarantine it and raise ValidationFailed."""
     report_dir = snapshot.path / "validation"
-    failures = run_suites(snapshot, run_date, cfg, report_dir)
+    failures = run_suites(snapshot, run_date, cfg, report_dir, previous_volume(workspace, run_date))
     if failures:
         target = partition(workspace, "quarantine", run_date)
         write_json(failures, snapshot.path / "reasons.json")
@@ -47,13 +49,35 @@ def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: s
             f"validation failed, {len(failures)} expectation(s) broken (details in {target}): " + "; ".join(lines),
             failures,
         )
+    rejected = snapshot.path / REJECTED
+    if rejected.exists():  # rows set apart by ingestion's bad-row policy, each with its reason
+        staging = temp_dir(workspace, "quarantine")
+        os.rename(rejected, staging / "rows.parquet")
+        publish_dir(staging, partition(workspace, "quarantine", run_date))
     published = snapshot.model_copy(update={"path": partition(workspace, "snapshots", run_date)})
     stamp(snapshot.path, key, published)
     publish_dir(snapshot.path, published.path)
     return published, failures
 
 
-def run_suites(snapshot: Snapshot, run_date: dt.date, cfg, report_dir: Path) -> list[dict]:
+def previous_volume(workspace: Path, run_date: dt.date) -> tuple[dt.date, int] | None:
+    """(run date, interactions) of the latest validated snapshot before `run_date`."""
+    earlier = sorted(
+        (path for path in (workspace / "snapshots").glob("run_date=*") if path.name.removeprefix("run_date=") < str(run_date)),
+        reverse=True,
+    )
+    for path in earlier:
+        try:
+            record = json.loads((path / STAGE_RECORD).read_text())["record"]
+        except (OSError, ValueError, KeyError):
+            continue
+        return dt.date.fromisoformat(path.name.removeprefix("run_date=")), int(record["n_interactions"])
+    return None
+
+
+def run_suites(
+    snapshot: Snapshot, run_date: dt.date, cfg, report_dir: Path, previous: tuple[dt.date, int] | None = None
+) -> list[dict]:
     """Run every suite on the snapshot; write results and Data Docs; return the failures."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -75,7 +99,7 @@ def run_suites(snapshot: Snapshot, run_date: dt.date, cfg, report_dir: Path) -> 
     source = context.data_sources.add_pandas(name="snapshot")
     items = pl.read_parquet(snapshot.items) if snapshot.has_items else None
     tables = [("interactions", pl.read_parquet(snapshot.interactions), interactions_suite(
-        cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None
+        cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None, previous
     ))]
     if items is not None:
         tables.append(("items", items.select("item_id"), items_suite()))
@@ -107,13 +131,17 @@ def _describe(result, file: str) -> dict:
     if result.exception_info.get("raised_exception"):
         detail = result.exception_info.get("exception_message", "could not be evaluated")
     elif "unexpected_count" in outcome:
-        sample = [str(v) for v in (outcome.get("partial_unexpected_list") or [])[:3]]
+        # user ids may be personal data (emails, account numbers): counted, never echoed
+        private = "user_id" in column
+        sample = [] if private else [str(v) for v in (outcome.get("partial_unexpected_list") or [])[:3]]
         detail = (
             f"{outcome['unexpected_count']} offending row(s) ({outcome.get('unexpected_percent', 0):.2f}%)"
             + (f", e.g. {', '.join(sample)}" if sample else "")
         )
     else:
         detail = f"observed {outcome.get('observed_value')!r}, expected {_expected(config.kwargs)}"
+    if (config.meta or {}).get("check"):
+        detail = f"{config.meta['check']}: {detail}"
     return {"file": file, "expectation": config.type, "column": column, "detail": detail}
 
 

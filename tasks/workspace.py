@@ -12,7 +12,9 @@ recomputing it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -35,6 +37,35 @@ class RecflowError(Exception):
 
     The CLI prints it as one line and exits non-zero, without a traceback.
     """
+
+
+@contextlib.contextmanager
+def locked(workspace: Path):
+    """Hold the workspace for one run: a second run on it fails at once, with who holds it.
+
+    An advisory `flock` on workspace/.lock: the kernel releases it when the holder exits,
+    however it exits, so a killed run never leaves the workspace locked.
+    """
+    workspace.mkdir(parents=True, exist_ok=True)
+    handle = open(workspace / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RecflowError(
+            f"workspace {workspace} is in use by another run ({holder}); wait for it to finish or use another --workspace"
+        ) from None
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}, started {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        handle.flush()
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def partition(workspace: Path, table: str, run_date: dt.date) -> Path:
@@ -91,15 +122,16 @@ def publish_dir(staged: Path, target: Path) -> Path:
     """Move a fully written directory into place, replacing any previous version.
 
     The old version is renamed aside first and removed only after the new one is in
-    place, so at every moment `target` is either the old or the new directory.
+    place, so at every moment `target` is either the old or the new directory. `staged`
+    must lie in workspace/.tmp (see `temp_dir`).
     """
     for file in staged.rglob("*"):
         if file.is_file():
             _fsync(file)
     target.parent.mkdir(parents=True, exist_ok=True)
     retired = None
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():  # set aside in .tmp/, where readers never look and the next run cleans up
+        retired = staged.parent / f"retired-{target.name}-{uuid.uuid4().hex[:8]}"
         os.rename(target, retired)
     os.rename(staged, target)
     _fsync_dir(target.parent)

@@ -1,0 +1,104 @@
+"""Properties of the metrics and of the top-K path, on inputs hypothesis makes up."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.evaluate import ranking_metrics
+from tasks.retrieval import as_table, retrieve
+from tasks.workspace import write_parquet
+
+
+@st.composite
+def retrieval_cases(draw):
+    n_users = draw(st.integers(1, 12))
+    n_items = draw(st.integers(2, 40))
+    dim = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    queries = rng.normal(size=(n_users, dim)).astype(np.float32)
+    items = rng.normal(size=(n_items + 1, dim)).astype(np.float32)
+    seen = rng.random((n_users, n_items + 1)) < draw(st.floats(0, 0.6))
+    seen[:, 0] = False
+    k = draw(st.integers(1, n_items))
+    return queries, items, seen, k, draw(st.integers(1, 5))
+
+
+@settings(max_examples=150, deadline=None)
+@given(retrieval_cases())
+def test_top_k_lists_are_distinct_unseen_best_first_and_truly_the_best(case):
+    queries, items, seen, k, block = case
+    rows, item_ids = np.nonzero(seen)
+    top, scores = retrieve(queries, items, (rows, item_ids), k, block=block)
+    table = as_table(np.arange(len(queries)), top)
+    assert table.group_by("user").agg(pl.col("rank").sort()).sort("user")["rank"].to_list() == [
+        list(range(1, k + 1))
+    ] * len(queries)
+    all_scores = queries @ items.T
+    for user in range(len(queries)):
+        available = np.flatnonzero(~seen[user])
+        available = available[available > 0]
+        real = np.isfinite(scores[user])
+        assert real.sum() == min(k, available.size)  # fewer only when the catalogue runs out
+        picked = top[user][real]
+        assert len(set(picked.tolist())) == picked.size and not seen[user, picked].any() and (picked > 0).all()
+        assert (np.diff(scores[user][real]) <= 0).all()
+        best = np.sort(all_scores[user, available])[::-1][: picked.size]
+        np.testing.assert_allclose(scores[user][real], best, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def ranked_lists(draw):
+    n_users, n_items, k = draw(st.integers(1, 8)), draw(st.integers(1, 30)), draw(st.integers(1, 10))
+    recs, truth = [], []
+    for user in range(n_users):
+        ranked = draw(st.lists(st.integers(1, n_items), unique=True, max_size=k))
+        recs += [(user, item, rank) for rank, item in enumerate(ranked, start=1)]
+        truth += [(user, item) for item in draw(st.lists(st.integers(1, n_items), unique=True, min_size=1, max_size=6))]
+    frame = pl.DataFrame(recs, schema={"user": pl.Int64, "item": pl.Int64, "rank": pl.Int64}, orient="row")
+    return frame, pl.DataFrame(truth, schema={"user": pl.Int64, "item": pl.Int64}, orient="row"), k, n_items
+
+
+@settings(max_examples=200, deadline=None)
+@given(ranked_lists())
+def test_metrics_stay_in_range_and_perfect_lists_score_one(case):
+    recs, truth, k, n_items = case
+    metrics = ranking_metrics(recs, truth, k, n_items)
+    assert all(0.0 <= value <= 1.0 + 1e-9 for value in metrics.values()), metrics
+    assert metrics["recall"] <= metrics["hitrate"] + 1e-9 and metrics["mrr"] <= metrics["hitrate"] + 1e-9
+    perfect = (
+        truth.with_columns(pl.int_range(1, pl.len() + 1).over("user").alias("rank"))
+        .filter(pl.col("rank") <= k)
+    )
+    best = ranking_metrics(perfect, truth, k, n_items)
+    assert best["recall"] == best["hitrate"] == 1.0 and best["ndcg"] == pytest.approx(1.0)
+    assert metrics["ndcg"] <= best["ndcg"] + 1e-9
+
+
+IDS = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(IDS, min_size=1, max_size=20, unique=True))
+def test_any_id_string_round_trips_through_the_published_table(tmp_path_factory, ids):
+    path = tmp_path_factory.mktemp("ids") / "part-00000.parquet"
+    written = pl.DataFrame({"user_id": ids, "item_id": list(reversed(ids)), "rank": list(range(1, len(ids) + 1))})
+    write_parquet(written, path)
+    assert pl.read_parquet(path).to_dicts() == written.to_dicts()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(IDS, min_size=1, max_size=20, unique=True))
+def test_any_id_string_round_trips_through_csv_ingestion(tmp_path_factory, ids):
+    from tasks.ingest import read_directory
+
+    directory = tmp_path_factory.mktemp("csv")
+    pl.DataFrame({"user_id": ids, "item_id": ids, "timestamp": list(range(len(ids)))}).write_csv(
+        directory / "interactions.csv"
+    )
+    interactions, _, _ = read_directory(directory)
+    assert interactions["user_id"].to_list() == ids and interactions["item_id"].to_list() == ids
