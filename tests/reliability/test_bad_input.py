@@ -196,7 +196,7 @@ def test_report_counts_the_kinds_tried_and_shows_earlier_output_unchanged(good):
     print(json.dumps({k: v for k, v in report.items() if k != "errors"}))
 
 
-def test_unusual_but_valid_input_succeeds_and_bad_rows_under_the_threshold_are_quarantined(good):
+def test_unusual_but_valid_input_succeeds_and_bad_rows_under_the_threshold_are_quarantined(good, caplog):
     interactions, items = good["interactions"], good["items"]
     users = interactions["user_id"].unique().sort()
     renamed = {users[0]: "007", users[1]: "🎬 fan ✓", users[2]: "ü" * 300, users[3]: "0042"}
@@ -211,6 +211,7 @@ def test_unusual_but_valid_input_succeeds_and_bad_rows_under_the_threshold_are_q
     result = run_cli("--source", str(source), "--workspace", str(workspace), "--run-date", str(BAD_DATE),
                      "--config", str(config))
     assert result.exit_code == 0, result.output
+    assert "column(s) device are not part of the input contract" in caplog.text  # allowed, reported
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={BAD_DATE}" / "*.parquet")
     assert set(renamed.values()) <= set(table["user_id"])  # "007" stays "007", emoji and long ids intact
     quarantined = pl.read_parquet(workspace / "quarantine" / f"run_date={BAD_DATE}" / "rows.parquet")

@@ -292,10 +292,17 @@ def grouplens(tmp_path, monkeypatch):
         "/ml-latest-small.zip.md5": f"MD5 (ml-latest-small.zip) = {hashlib.md5(archive.read_bytes()).hexdigest()}\n".encode(),
     }
     requests: list[str] = []
+    outage = {"failures_left": 0}  # answer 503 to this many requests first
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             requests.append(self.path)
+            if outage["failures_left"] > 0:
+                outage["failures_left"] -= 1
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = served.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.send_header("Content-Length", str(len(body or b"")))
@@ -311,7 +318,7 @@ def grouplens(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("RECFLOW_MOVIELENS_URL", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("RECFLOW_CACHE", str(cache))
-    yield {"served": served, "requests": requests, "cache": cache}
+    yield {"served": served, "requests": requests, "cache": cache, "outage": outage}
     server.shutdown()
     server.server_close()
 
@@ -352,3 +359,12 @@ def test_an_unknown_movielens_archive_is_a_recflow_error(grouplens):
         fetch_movielens("ml-nonexistent")
 
     assert grouplens["requests"] == []
+
+
+def test_a_transient_server_error_is_retried_with_backoff(grouplens):
+    grouplens["outage"]["failures_left"] = 2
+
+    directory = fetch_movielens("ml-latest-small")
+
+    assert (directory / "ratings.csv").read_bytes() == (MOVIELENS_SMALL / "ratings.csv").read_bytes()
+    assert grouplens["requests"][:3] == ["/ml-latest-small.zip"] * 3  # two 503s, then the archive
