@@ -83,7 +83,7 @@ def evaluate(
     feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int
 ) -> ChampionDecision:
     """Score tonight's models (and the champion) on the test split; log, register, decide."""
-    results = test_metrics(models.path, feature_set, feature_key, n_candidates)
+    results = heldout_metrics(models.path, feature_set, feature_key, n_candidates)
     flat = {f"{_metric_prefix(name)}{m}_at_{CUTOFF}": v for name, values in results.items() for m, v in values.items()
             if name != "curve"}
     client = _client(workspace)
@@ -98,7 +98,7 @@ def evaluate(
         if champion is None:
             promote, reason = True, "no champion yet"
         else:
-            held = test_metrics(champion[1], feature_set, feature_key, n_candidates, baselines=False)["retrieval+ranking"]
+            held = heldout_metrics(champion[1], feature_set, feature_key, n_candidates, baselines=False)["retrieval+ranking"]
             flat |= {f"champion_{m}_at_{CUTOFF}": v for m, v in held.items()}
             promote = new_ndcg > held["ndcg"]
             reason = (
@@ -164,7 +164,7 @@ def _plots(curves: dict, models: ModelSet) -> dict:
     return figures
 
 
-def test_metrics(models: Path, feature_set: FeatureSet, feature_key: str, n_candidates: int, baselines: bool = True) -> dict:
+def heldout_metrics(models: Path, feature_set: FeatureSet, feature_key: str, n_candidates: int, baselines: bool = True) -> dict:
     """Metrics@10 of retrieval + ranking (and, with `baselines`, of popularity and retrieval
     alone) on the test split, plus recall at several cut-offs (`curve`); cached in
     models/evaluation/.
