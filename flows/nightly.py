@@ -7,7 +7,9 @@ ingest -> validate -> features -> train_retrieval -> train_ranking -> evaluate -
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -19,7 +21,7 @@ from tasks.features import features_task
 from tasks.ingest import fingerprint, ingest_task
 from tasks.ranking import train_ranking_task
 from tasks.retrieval import train_retrieval_task
-from tasks.score import publish_task, score_task
+from tasks.score import prepare_task, publish_task, score_shard_task
 from tasks.validate import summary_markdown, validate_task
 from tasks.workspace import RecflowError, clean_temp, code_version, locked, partition, publish_dir, reuse, stage_key, stamp, temp_dir
 
@@ -100,8 +102,7 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                 ["score", "publish"], partition(workspace, "recommendations", run_date), output_key, PublishedTable,
                 lambda: timed(
                     "publish", publish_task,
-                    timed("score", score_task, feature_set, decision, workspace, run_date,
-                          config.retrieval.candidates, config.top_k),
+                    timed("score", _score, config, feature_set, decision, workspace, run_date),
                     workspace, run_date, manifest, output_key,
                 ),
             )
@@ -180,6 +181,20 @@ def _train(config: PipelineConfig, feature_set: FeatureSet, workspace, key: str,
     stamp(staging, key, models)
     publish_dir(staging, target)
     return models
+
+
+def _score(config: PipelineConfig, feature_set: FeatureSet, decision: ChampionDecision, workspace, run_date) -> Path:
+    """Score user-range shards in parallel on the flow's task runner (threads, or Dask
+    workers); return the temp directory holding their parts."""
+    staged = prepare_task(feature_set, decision, workspace)
+    shards = [
+        score_shard_task.submit(feature_set, decision, staged, run_date, config.retrieval.candidates, config.top_k,
+                                shard, config.shards)
+        for shard in range(config.shards)
+    ]
+    rows = [shard.result() for shard in shards]
+    get_run_logger().info("scored %d shard(s): %d rows (flow process %d)", len(rows), sum(rows), os.getpid())
+    return staged
 
 
 def _artifacts(summary: dict, decision: ChampionDecision, link: str) -> None:

@@ -57,6 +57,11 @@ class FeatureConfig(_Section):
         0.1, gt=0, lt=1, description="share before the holdout used for early stopping and ranker training"
     )
     min_user_events: int = Field(5, ge=3, description="users with fewer events are never held out from")
+    sample_users: int = Field(
+        20_000, ge=1,
+        description="users (a fixed seeded sample) whose lists validation, ranker training and held-out metrics "
+        "compute; all users when fewer",
+    )
     max_title_tokens: int = Field(8, ge=0)
     title_vocab_size: int = Field(5000, ge=0)
 
@@ -72,11 +77,22 @@ class RetrievalConfig(_Section):
     batch_size: int = Field(512, ge=8)
     learning_rate: float = Field(0.003, gt=0)
     max_epochs: int = Field(15, ge=1)
+    max_examples_per_epoch: int = Field(
+        250_000, ge=1,
+        description="an epoch is at most this many examples (the next one goes on through the data): with "
+        "max_epochs it bounds training time on large data, and validation runs often enough to stop early",
+    )
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
     temperature: float = Field(0.1, gt=0)
     l2: float = Field(0.0, ge=0)
     candidates: int = Field(100, ge=1, description="top-N candidates handed to the ranker per user")
     warm_start: bool = Field(False, description="start training from the champion's weights, when there is one")
+    strategy: Literal["default", "mirrored", "multi_worker"] = Field(
+        "default",
+        description="tf.distribute strategy: one device; MirroredStrategy over this machine's GPUs (or `devices` "
+        "logical CPUs); MultiWorkerMirroredStrategy over the cluster in TF_CONFIG",
+    )
+    devices: int = Field(1, ge=1, description="with the mirrored strategy and no GPU: logical CPU devices to mirror over")
 
 
 class RankingConfig(_Section):
@@ -99,6 +115,11 @@ class PipelineConfig(_Section):
     run_date: dt.date | None = Field(None, description="logical date of the run; default today (UTC)")
     workspace: str = Field("workspace", description="directory holding everything a run writes")
     top_k: int = Field(20, ge=1, le=1000)
+    shards: int = Field(
+        1, ge=1, le=1024,
+        description="scoring shards (ranges of users), run in parallel on the flow's task runner: threads, or "
+        "Dask workers with `recflow run --task-runner dask`; any count gives the same table",
+    )
     seed: int = 42
     mlflow_experiment: str = "recflow"
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -179,8 +179,9 @@ def heldout_metrics(models: Path, feature_set: FeatureSet, feature_key: str, n_c
     visible = features.events.filter(pl.col("split") != "test")
     known_items = visible["item_idx"].unique()
     test = features.events.filter((pl.col("split") == "test") & pl.col("item_idx").is_in(known_items.implode()))
+    users = features.sampled(np.unique(test["user_idx"].to_numpy()))
+    test = test.filter(pl.col("user_idx").is_in(users.tolist()))
     truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
-    users = np.unique(test["user_idx"].to_numpy())
     deepest = max(CURVE)
     table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest)}
     if baselines:

@@ -371,6 +371,9 @@ def _hash_files(paths: list[Path]) -> str:
 # --- synthetic -----------------------------------------------------------------------
 
 
+SYNTHETIC_CHUNK = 25_000
+
+
 def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A seeded dataset with planted structure a good recommender should find.
 
@@ -400,54 +403,56 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
     second_cluster = rng.integers(n_clusters, size=n_users)
     lengths = np.clip(rng.lognormal(np.log(cfg.events_per_user) - 0.3, 0.8, n_users), 5, cfg.events_per_user * 8)
     lengths = lengths.astype(int)
-    steps = int(lengths.max())
-    position = np.empty((n_users, steps), dtype=np.int64)  # index into `order`
-    position[:, 0] = popular_in(user_cluster)
-    for t in range(1, steps):
-        previous = position[:, t - 1]
-        move = rng.random(n_users)
-        cluster_of_previous = np.searchsorted(np.cumsum(sizes), previous, side="right")
-        chain_next = starts[cluster_of_previous] + (previous - starts[cluster_of_previous] + rng.integers(1, 3, n_users)) % sizes[cluster_of_previous]
-        home = np.where(rng.random(n_users) < 0.8, user_cluster, second_cluster)
-        position[:, t] = np.where(
-            move < 0.55, chain_next, np.where(move < 0.9, popular_in(home), popular_in(rng.integers(n_clusters, size=n_users)))
-        )
-    item_of_position = order
-    valid = np.arange(steps)[None, :] < lengths[:, None]
-
-    new_session = rng.random((n_users, steps)) < 0.12
-    gap = np.where(new_session, rng.exponential(86400 * 3.0, (n_users, steps)), rng.integers(30, 900, (n_users, steps)))
-    gap[:, 0] = 0
-    elapsed = np.cumsum(gap * valid, axis=1)
-    window = cfg.days * 86400
-    span = elapsed.max(axis=1)
-    scale = np.minimum(1.0, window * 0.9 / np.maximum(span, 1))
     end = dt.datetime.combine(run_date, dt.time(), dt.timezone.utc).timestamp() - 3600
-    first = end - window + rng.random(n_users) * (window - span * scale)
-    timestamps = (first[:, None] + elapsed * scale[:, None]).astype(np.int64)
 
-    users_matrix = np.broadcast_to(np.arange(n_users)[:, None], (n_users, steps))
-    item_index = item_of_position[position]
-    in_cluster = item_cluster[item_index] == user_cluster[:, None]
-    rating = np.clip(np.round(3.0 + 1.2 * in_cluster + rng.normal(0, 0.8, (n_users, steps))), 1, 5)
-    interactions = (
-        pl.DataFrame(
+    def walk(chunk: slice) -> pl.DataFrame:
+        """The sessions of users in `chunk`, as (users x steps) arrays, then one row per event."""
+        cluster, second, length = user_cluster[chunk], second_cluster[chunk], lengths[chunk]
+        n, steps = length.size, int(length.max())
+        position = np.empty((n, steps), dtype=np.int64)  # index into `order`
+        position[:, 0] = popular_in(cluster)
+        for t in range(1, steps):
+            previous = position[:, t - 1]
+            move = rng.random(n)
+            cluster_of_previous = np.searchsorted(np.cumsum(sizes), previous, side="right")
+            chain_next = starts[cluster_of_previous] + (previous - starts[cluster_of_previous] + rng.integers(1, 3, n)) % sizes[cluster_of_previous]
+            home = np.where(rng.random(n) < 0.8, cluster, second)
+            position[:, t] = np.where(
+                move < 0.55, chain_next, np.where(move < 0.9, popular_in(home), popular_in(rng.integers(n_clusters, size=n)))
+            )
+        valid = np.arange(steps)[None, :] < length[:, None]
+        new_session = rng.random((n, steps)) < 0.12
+        gap = np.where(new_session, rng.exponential(86400 * 3.0, (n, steps)), rng.integers(30, 900, (n, steps)))
+        gap[:, 0] = 0
+        elapsed = np.cumsum(gap * valid, axis=1)
+        window = cfg.days * 86400
+        span = elapsed.max(axis=1)
+        scale = np.minimum(1.0, window * 0.9 / np.maximum(span, 1))
+        first = end - window + rng.random(n) * (window - span * scale)
+        timestamps = (first[:, None] + elapsed * scale[:, None]).astype(np.int64)
+        users_matrix = np.broadcast_to(np.arange(chunk.start, chunk.start + n)[:, None], (n, steps))
+        item_index = order[position]
+        in_cluster = item_cluster[item_index] == cluster[:, None]
+        rating = np.clip(np.round(3.0 + 1.2 * in_cluster + rng.normal(0, 0.8, (n, steps))), 1, 5)
+        return pl.DataFrame(
             {
                 "user_id": users_matrix[valid],
                 "item_id": item_index[valid],
                 "timestamp": timestamps[valid],
                 "rating": rating[valid].astype(np.float64),
             }
-        )
-        .unique(["user_id", "item_id"], keep="first", maintain_order=True)
-        .select(
-            pl.format("user_{}", pl.col("user_id")).alias("user_id"),
-            pl.format("item_{}", pl.col("item_id")).alias("item_id"),
-            "timestamp",
-            "rating",
-            pl.lit("view").alias("event_type"),
-            pl.lit(None, pl.Float64).alias("weight"),
-        )
+        ).unique(["user_id", "item_id"], keep="first", maintain_order=True)
+
+    # In chunks of users, so memory stays flat at any size (one chunk up to 25,000 users).
+    interactions = pl.concat(
+        [walk(slice(low, min(low + SYNTHETIC_CHUNK, n_users))) for low in range(0, n_users, SYNTHETIC_CHUNK)]
+    ).select(
+        pl.format("user_{}", pl.col("user_id")).alias("user_id"),
+        pl.format("item_{}", pl.col("item_id")).alias("item_id"),
+        "timestamp",
+        "rating",
+        pl.lit("view").alias("event_type"),
+        pl.lit(None, pl.Float64).alias("weight"),
     )
     return interactions, _synthetic_items(rng, item_cluster, cfg.n_categories, n_clusters)
 

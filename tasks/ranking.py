@@ -29,6 +29,8 @@ from tasks.retrieval import RetrievalBundle, rows_of
 
 log = logging.getLogger(__name__)
 
+NEIGHBOURS = 500  # similar items kept per item for the co-occurrence feature
+
 
 def train_ranking(
     feature_set: FeatureSet,
@@ -47,7 +49,7 @@ def train_ranking(
     features = load_features(feature_set.path)
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
-    users = np.unique(valid["user_idx"].to_numpy()).astype(np.int32)
+    users = features.sampled(np.unique(valid["user_idx"].to_numpy())).astype(np.int32)
     bundle = RetrievalBundle.load(retrieval_path)
     recent = user_histories(fit, features.n_users, bundle.history_length)[users]
     candidates, scores = bundle.retrieve(users, recent, rows_of(users, fit), retrieval_cfg.candidates)
@@ -119,11 +121,16 @@ def candidate_features(
     }
 
 
-def item_similarity(users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0) -> sp.csr_matrix:
-    """Item-item cosine similarity of co-occurrence in user histories, shrunk towards zero.
+def item_similarity(
+    users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0, neighbours: int = NEIGHBOURS,
+    block: int = 1024,
+) -> sp.csr_matrix:
+    """Item-item cosine similarity of co-occurrence in user histories, shrunk towards zero,
+    keeping each item's `neighbours` most similar items.
 
-    A classical collaborative signal (item-kNN) the ranker gets as a feature. Row and
-    column 0 (padding / unknown) stay empty.
+    A classical collaborative signal (item-kNN) the ranker gets as a feature. Computed
+    `block` items at a time, so memory stays at block x items plus the kept neighbours
+    whatever the catalogue size. Row and column 0 (padding / unknown) stay empty.
     """
     keep = items > 0
     matrix = sp.csr_matrix(
@@ -131,13 +138,24 @@ def item_similarity(users: np.ndarray, items: np.ndarray, n_items: int, shrink: 
         shape=(int(users.max(initial=0)) + 1, n_items + 1),
     )
     matrix.data[:] = 1.0  # repeated events count once
-    together = (matrix.T @ matrix).tocsr()
-    norms = np.sqrt(together.diagonal())
-    together.setdiag(0.0)
-    together.eliminate_zeros()
-    rows = np.repeat(np.arange(together.shape[0]), np.diff(together.indptr))
-    together.data = (together.data / (norms[rows] * norms[together.indices] + shrink)).astype(np.float32)
-    return together
+    by_item = matrix.T.tocsr()
+    norms = np.sqrt(np.asarray(matrix.sum(axis=0)).ravel())
+    width = min(neighbours, n_items + 1)
+    rows, columns, values = [], [], []
+    for start in range(0, n_items + 1, block):
+        stop = min(start + block, n_items + 1)
+        together = (by_item[start:stop] @ matrix).toarray()
+        together[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        together /= norms[start:stop, None] * norms[None, :] + shrink
+        top = np.argpartition(-together, width - 1, axis=1)[:, :width]
+        rows.append(np.repeat(np.arange(start, stop), width))
+        columns.append(top.ravel())
+        values.append(np.take_along_axis(together, top, axis=1).ravel())
+    similarity = sp.csr_matrix(
+        (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(n_items + 1, n_items + 1)
+    )
+    similarity.eliminate_zeros()
+    return similarity
 
 
 def cooccurrence(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from tasks.features import Features, event_histories, load_features, save_vocabu
 log = logging.getLogger(__name__)
 
 RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
+BLOCK_SCORES = 2**23  # scores per block in `retrieve` (32 MiB of float32)
 
 
 def train_retrieval(
@@ -48,30 +50,19 @@ def train_retrieval(
     seed_everything(seed)
     features = load_features(feature_set.path)
     length = features_cfg.history_length
-    fit = features.events.filter(pl.col("split") == "fit")
-    popularity = features.item_popularity
-    sampling_probability = (popularity / popularity.sum()).astype(np.float32)
-    train = {
-        "user_idx": fit["user_idx"].to_numpy(),
-        "history": event_histories(fit, length),
-        "item_idx": fit["item_idx"].to_numpy(),
-        "sampling_probability": sampling_probability[fit["item_idx"].to_numpy()],
-    }
-    dataset = (
-        tf.data.Dataset.from_tensor_slices(train)
-        .shuffle(len(train["item_idx"]), seed=seed, reshuffle_each_iteration=True)
-        .batch(cfg.batch_size, drop_remainder=len(train["item_idx"]) > cfg.batch_size)
-        .prefetch(2)
-    )
-    model = towers.TwoTower(features, length, cfg)
-    if warm_from is not None:
-        warm_start(model, warm_from, features)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    dataset, steps = training_batches(training_examples(features, length), cfg.batch_size, seed,
+                                      cfg.max_examples_per_epoch)
+    strategy = distribution(cfg)
+    with strategy.scope():
+        model = towers.TwoTower(features, length, cfg)
+        if warm_from is not None:
+            warm_start(model, warm_from, features)
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     validation = towers.EpochMetric("val_recall", _validation_recall(features, length))
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_recall", mode="max", patience=cfg.patience, restore_best_weights=True
     )
-    history = model.fit(dataset, epochs=cfg.max_epochs, callbacks=[validation, stopper], verbose=0)
+    history = model.fit(dataset, epochs=cfg.max_epochs, steps_per_epoch=steps, callbacks=[validation, stopper], verbose=0)
     best = int(np.argmax(history.history["val_recall"]))
     out = models / "retrieval"
     export(model, out)
@@ -86,6 +77,74 @@ def train_retrieval(
         path=out, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics,
         history={name: [float(v) for v in values] for name, values in curves.items()},
     )
+
+
+def distribution(cfg: RetrievalConfig):
+    """The tf.distribute strategy `cfg.strategy` names; batches are split across its replicas.
+
+    "mirrored" uses this machine's GPUs, or without one `cfg.devices` logical CPU devices
+    (set before TensorFlow first runs an op); "multi_worker" reads the cluster from
+    TF_CONFIG (one worker without it).
+    """
+    from tasks.tfenv import tf
+
+    if cfg.strategy == "default":
+        return tf.distribute.get_strategy()
+    if cfg.strategy == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif tf.config.list_physical_devices("GPU"):
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.devices)
+        except RuntimeError:  # TensorFlow already ran in this process: keep its devices
+            log.warning("retrieval: TensorFlow is already initialised; mirroring over its existing CPU devices")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices("CPU")])
+    log.info("retrieval: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def training_examples(features: Features, length: int) -> dict[str, np.ndarray]:
+    """One example per `fit` event: the user, their `length` previous items, the item and
+    its sampling probability as an in-batch negative (for the log-Q correction)."""
+    fit = features.events.filter(pl.col("split") == "fit")
+    popularity = features.item_popularity
+    sampling_probability = (popularity / popularity.sum()).astype(np.float32)
+    return {
+        "user_idx": fit["user_idx"].to_numpy(),
+        "history": event_histories(fit, length),
+        "item_idx": fit["item_idx"].to_numpy(),
+        "sampling_probability": sampling_probability[fit["item_idx"].to_numpy()],
+    }
+
+
+def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, max_examples: int):
+    """(endless dataset of batches, steps per epoch) over same-length example `arrays`.
+
+    Each pass over the examples is a fresh seeded permutation whose batches are gathered
+    from the arrays in memory: tf.data handles one element per batch, not per example,
+    so the input never holds training back. An epoch is at most `max_examples` examples;
+    the next one goes on through the permutation.
+    """
+    from tasks.tfenv import tf
+
+    n = len(arrays["item_idx"])
+    size = min(batch_size, n)
+    per_pass = n // size
+    tensors = {name: tf.constant(values) for name, values in arrays.items()}
+
+    def one_pass(number):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), number]))
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: per_pass * size], [per_pass, size]))
+
+    dataset = (
+        tf.data.Dataset.range(2**62)
+        .flat_map(one_pass)
+        .map(lambda rows: {name: tf.gather(values, rows) for name, values in tensors.items()})
+        .prefetch(2)
+    )
+    return dataset, max(1, min(per_pass, max_examples // size))
 
 
 def warm_start(model, champion: Path, features: Features) -> int:
@@ -131,31 +190,38 @@ def retrieve(
     item_embeddings: np.ndarray,
     exclude: tuple[np.ndarray, np.ndarray],
     n: int,
-    block: int = 1024,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-`n` items for each query row, in blocks of rows.
+    """Brute-force top-`n` items for each query row, in blocks of `block` rows.
 
     `item_embeddings` row 0 is the padding item and is never returned; `exclude` holds
     (row, item) pairs that must not be returned (items the user already interacted with).
-    Never materialises more than `block` x n_items scores at once.
+    Memory stays bounded whatever the sizes: by default a block holds about BLOCK_SCORES
+    scores, and two threads score blocks side by side (BLAS and numpy's partition
+    release the GIL).
     """
     n = min(n, item_embeddings.shape[0] - 1)
+    block = block or max(16, BLOCK_SCORES // item_embeddings.shape[0])
     rows, items = exclude
     order = np.argsort(rows, kind="stable")
     rows, items = rows[order], items[order]
     top_items = np.zeros((queries.shape[0], n), dtype=np.int64)
     top_scores = np.zeros((queries.shape[0], n), dtype=np.float32)
-    for start in range(0, queries.shape[0], block):
+
+    def one_block(start: int) -> None:
         stop = min(start + block, queries.shape[0])
         scores = queries[start:stop] @ item_embeddings.T
         scores[:, 0] = -np.inf
         low, high = np.searchsorted(rows, [start, stop])
         scores[rows[low:high] - start, items[low:high]] = -np.inf
-        part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        part = np.argpartition(scores, -n, axis=1)[:, -n:]
         part_scores = np.take_along_axis(scores, part, axis=1)
         ranked = np.argsort(-part_scores, axis=1, kind="stable")
         top_items[start:stop] = np.take_along_axis(part, ranked, axis=1)
         top_scores[start:stop] = np.take_along_axis(part_scores, ranked, axis=1)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(one_block, range(0, queries.shape[0], block)))
     return top_items, top_scores
 
 
@@ -225,11 +291,13 @@ def _validation_recall(features: Features, length: int):
 
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
-    users = np.unique(valid["user_idx"].to_numpy())
+    users = features.sampled(np.unique(valid["user_idx"].to_numpy()))
     history = user_histories(fit, features.n_users, length)[users]
     all_items = np.arange(features.n_items + 1, dtype=np.int32)
     exclude = rows_of(users, fit)
-    truth = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
+    truth = valid.filter(pl.col("user_idx").is_in(users.tolist())).select(
+        pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item")
+    )
 
     def recall(model) -> float:
         queries = model.query_model({"user_idx": users.astype(np.int32), "history": history}).numpy()

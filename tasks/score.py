@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 from prefect import task
 
 from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable
@@ -27,24 +29,33 @@ from tasks.workspace import RecflowError, partition, publish_dir, stamp, temp_di
 log = logging.getLogger(__name__)
 
 USERS_PER_BLOCK = 1024
+SHARED = "_similarity.npz"  # scoring's shared input, removed before publishing
 RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
                "retrieval_score": pl.Float32}
 
 
 def recommend(
-    models: Path, features: Features, users: np.ndarray, history: pl.DataFrame, n_candidates: int, k: int
+    models: Path,
+    features: Features,
+    users: np.ndarray,
+    history: pl.DataFrame,
+    n_candidates: int,
+    k: int,
+    similarity: sp.csr_matrix | None = None,
 ) -> pl.DataFrame:
     """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`.
 
     `history` holds the events (tonight's indices, sorted by user and time) that form each
-    user's sequence and that are never recommended again. Returns one row per (user, rank)
-    with columns user_idx, rank, item_id, score, retrieval_score.
+    user's sequence and that are never recommended again; `similarity` is
+    `history_similarity(models, features, history)` when the caller already has it.
+    Users are scored USERS_PER_BLOCK at a time, in the order given. Returns one row per
+    (user, rank) with columns user_idx, rank, item_id, score, retrieval_score.
     """
     from tasks.tfenv import tf
 
     vocab = models / "vocab"
     user_map = index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")
-    item_map = index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")
+    item_map = _item_map(models, features)
     model_items = pl.read_parquet(vocab / "items.parquet", columns=["item_id", "item_idx"]).sort("item_idx")
     item_ids = np.concatenate([[""], model_items["item_id"].to_numpy()]).astype(object)
     popularity = np.load(vocab / "item_popularity.npy")
@@ -53,7 +64,8 @@ def recommend(
     histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
-    similarity = item_similarity(seen_users, seen_items, model_items.height)
+    if similarity is None:
+        similarity = item_similarity(seen_users, seen_items, model_items.height)
     n_candidates = max(n_candidates, k)
     frames = []
     for start in range(0, users.size, USERS_PER_BLOCK):
@@ -85,6 +97,18 @@ def recommend(
     return recs.filter(pl.col("score").is_finite())
 
 
+def history_similarity(models: Path, features: Features, history: pl.DataFrame) -> sp.csr_matrix:
+    """The item co-occurrence similarity `recommend` computes from `history`, in the
+    models' item indices: computed once and shared by all scoring shards."""
+    n_items = pl.read_parquet(models / "vocab" / "items.parquet", columns=["item_idx"]).height
+    items = _item_map(models, features)[history["item_idx"].to_numpy()]
+    return item_similarity(history["user_idx"].to_numpy(), items, n_items)
+
+
+def _item_map(models: Path, features: Features) -> np.ndarray:
+    return index_map(features.items, pl.read_parquet(models / "vocab" / "items.parquet"), "item_id", "item_idx")
+
+
 def index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:
     """Array mapping tonight's index -> the model's index (0 where the model never saw the id)."""
     joined = tonight.select(id_column, idx_column).join(
@@ -102,13 +126,34 @@ def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[
     return row[keep], items[keep]
 
 
-def score(
-    feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date, n_candidates: int, k: int
-) -> Path:
-    """Write every user's top-`k` list, as DESIGN.md's output table, to a temp directory."""
+def prepare(feature_set: FeatureSet, decision: ChampionDecision, workspace: Path) -> Path:
+    """A temp directory for tonight's partition, holding what every shard shares (the
+    co-occurrence similarity of tonight's histories, in the scoring models' indices)."""
     features = load_features(feature_set.path)
-    users = features.users["user_idx"].to_numpy()
-    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k)
+    staged = temp_dir(workspace, "recommendations")
+    sp.save_npz(staged / SHARED, history_similarity(decision.models_path, features, features.events), compressed=False)
+    return staged
+
+
+def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
+    """The user_idx range of `shard` (of `shards`): whole USERS_PER_BLOCK blocks, so a
+    sharded run scores exactly the blocks a single process does, bit for bit."""
+    blocks = np.array_split(np.arange(-(-n_users // USERS_PER_BLOCK)), shards)[shard]
+    if blocks.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(blocks[0] * USERS_PER_BLOCK, min((blocks[-1] + 1) * USERS_PER_BLOCK, n_users)) + 1
+
+
+def score_shard(
+    feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
+    shard: int, shards: int,
+) -> int:
+    """Write the top-`k` lists of one user range, as DESIGN.md's output table, to
+    staged/part-<shard>.parquet; return its rows. Shards may run on other workers."""
+    features = load_features(feature_set.path)
+    users = shard_users(features.n_users, shard, shards)
+    similarity = sp.load_npz(staged / SHARED)
+    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity)
     table = (
         recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
         .with_columns(
@@ -120,15 +165,16 @@ def score(
         .select(RECOMMENDATIONS.names())
         .cast(dict(RECOMMENDATIONS))
     )
-    staged = temp_dir(workspace, "recommendations")
-    write_parquet(table, staged / "part-00000.parquet")
-    log.info("scored %d users, %d rows", table["user_id"].n_unique(), table.height)
-    return staged
+    write_parquet(table, staged / f"part-{shard:05d}.parquet")
+    log.info("scored shard %d of %d in process %d: %d users, %d rows", shard + 1, shards, os.getpid(), users.size,
+             table.height)
+    return table.height
 
 
 def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict, key: str) -> PublishedTable:
     """Move the scored partition into place atomically, with a manifest beside the parts
     and its cache `key`."""
+    (staged / SHARED).unlink(missing_ok=True)
     table = pl.read_parquet(staged / "*.parquet")
     published = PublishedTable(
         path=partition(workspace, "recommendations", run_date), rows=table.height, users=table["user_id"].n_unique()
@@ -160,11 +206,17 @@ def user_list(workspace: Path, user_id: str, run_date: dt.date | None = None) ->
     return table.sort("rank").select("rank", "item_id", "title", "score", "run_date", "model_version")
 
 
-@task(name="score")
-def score_task(
-    feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date, n_candidates: int, k: int
-) -> Path:
-    return score(feature_set, decision, workspace, run_date, n_candidates, k)
+@task(name="prepare_scoring")
+def prepare_task(feature_set: FeatureSet, decision: ChampionDecision, workspace: Path) -> Path:
+    return prepare(feature_set, decision, workspace)
+
+
+@task(name="score_shard", task_run_name="score_shard-{shard}")
+def score_shard_task(
+    feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
+    shard: int, shards: int,
+) -> int:
+    return score_shard(feature_set, decision, staged, run_date, n_candidates, k, shard, shards)
 
 
 @task(name="publish")

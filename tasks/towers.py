@@ -60,7 +60,7 @@ class QueryTower(keras.Model):
         self.users = keras.layers.Embedding(n_users + 1, dim, embeddings_regularizer=regulariser)
         self.positions = keras.layers.Embedding(length, dim)
         if encoder == "transformer":
-            self.self_attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=dim // 2)
+            self.self_attention = SelfAttention(dim, heads=2)
             self.norm = keras.layers.LayerNormalization()
         if encoder == "gru":
             self.gru = keras.layers.GRU(dim)
@@ -79,13 +79,38 @@ class QueryTower(keras.Model):
             keys = items + self.positions(tf.range(self.length))[None]
             values = items
             if self.encoder == "transformer":
-                pair_mask = present[:, None, :] & present[:, :, None]
-                keys = values = self.norm(keys + self.self_attention(keys, keys, attention_mask=pair_mask))
+                keys = values = self.norm(keys + self.self_attention(keys, present))
             logits = tf.squeeze(self.attention(keys), -1) + tf.where(present, 0.0, -1e9)
             any_history = tf.cast(tf.reduce_any(present, -1, keepdims=True), tf.float32)
             weights = tf.nn.softmax(logits, axis=-1) * any_history
             encoded = tf.reduce_sum(values * weights[..., None], axis=1)
         return self.project(tf.concat([self.users(inputs["user_idx"]), encoded, items[:, 0]], axis=-1))
+
+
+class SelfAttention(keras.layers.Layer):
+    """Multi-head self-attention over a padded sequence, as Keras' MultiHeadAttention
+    computes it (query/key/value and output projections, scaled dot products), with the
+    three input projections fused into one matrix product: on CPU this block is most of
+    a training step, and the fused form runs it in about half the time."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__(name="self_attention")
+        self.dim, self.heads = dim, heads
+        self.qkv = keras.layers.Dense(3 * dim)
+        self.out = keras.layers.Dense(dim)
+
+    def call(self, x, present):
+        """`x` (batch, length, dim); `present` (batch, length) marks real items; padding is
+        never attended to."""
+        length, width = x.shape[1], self.dim // self.heads
+
+        def heads(t):
+            return tf.transpose(tf.reshape(t, [-1, length, self.heads, width]), [0, 2, 1, 3])
+
+        query, key, value = (heads(t) for t in tf.split(self.qkv(x), 3, axis=-1))
+        logits = tf.matmul(query, key, transpose_b=True) * width**-0.5 + tf.where(present, 0.0, -1e9)[:, None, None, :]
+        mixed = tf.matmul(tf.nn.softmax(logits, axis=-1), value)
+        return self.out(tf.reshape(tf.transpose(mixed, [0, 2, 1, 3]), [-1, length, self.dim]))
 
 
 class CandidateTower(keras.Model):
