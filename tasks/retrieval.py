@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from prefect import task
+from threadpoolctl import threadpool_limits
 
 from schemas.config import FeatureConfig, RetrievalConfig
 from schemas.tables import FeatureSet, TrainedModel
@@ -44,7 +45,7 @@ def train_retrieval(
     `warm_from` (a models directory, the champion's) training starts from its weights.
     """
     from tasks import towers
-    from tasks.tfenv import keras, seed_everything, tf
+    from tasks.tfenv import keras, seed_everything
 
     started = time.perf_counter()
     seed_everything(seed)
@@ -198,8 +199,11 @@ def retrieve(
     (row, item) pairs that must not be returned (items the user already interacted with).
     Memory stays bounded whatever the sizes: by default a block holds about BLOCK_SCORES
     scores, and two threads score blocks side by side (BLAS and numpy's partition
-    release the GIL).
+    release the GIL). BLAS itself is set to one thread, for this whole process: scores
+    then never depend on how many threads BLAS has (Dask workers start with
+    OMP_NUM_THREADS=1), so a sharded run writes the same numbers as a single process.
     """
+    threadpool_limits(1, user_api="blas")
     n = min(n, item_embeddings.shape[0] - 1)
     block = block or max(16, BLOCK_SCORES // item_embeddings.shape[0])
     rows, items = exclude
