@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -43,11 +44,17 @@ def run(
     task_runner: Annotated[str, typer.Option(
         help="where scoring shards run: 'threads' (this process) or 'dask' (a local Dask cluster of one worker "
         "per shard, or the scheduler at --dask-address)")] = "threads",
-    dask_address: Annotated[Optional[str], typer.Option(help="Dask scheduler, e.g. tcp://10.0.0.5:8786")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(
+        help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --task-runner dask; needs PREFECT_API_URL)")] = None,
 ) -> None:
     """Run the nightly flow once and print where the lists went."""
     if task_runner not in ("threads", "dask"):
         _fail(f"--task-runner {task_runner!r}: use threads or dask")
+    if dask_address:
+        task_runner = "dask"
+        if not os.environ.get("PREFECT_API_URL"):
+            _fail("--dask-address: remote Dask workers report to the Prefect API; set PREFECT_API_URL to a server "
+                  "they can reach (`recflow stack up --host 0.0.0.0`)")
     pipeline_config = _pipeline_config(config, source=source, run_date=_date(run_date, "--run-date"),
                                        workspace=workspace, top_k=top_k, shards=shards)
     from flows.nightly import nightly

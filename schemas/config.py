@@ -70,7 +70,7 @@ class RetrievalConfig(_Section):
     """Defaults: the winner of bench/tune.py's seeded search (bench/results/tune.json), with
     features.history_length 20; a full ml-latest-small run with them stays under 3 minutes."""
 
-    embedding_dim: int = Field(64, ge=4)
+    embedding_dim: int = Field(64, ge=4, multiple_of=2, description="even: self-attention splits it into two heads")
     history_encoder: Literal["attention", "transformer", "gru"] = Field(
         "transformer", description="how the query tower reads the history: attention pooling, self-attention, GRU"
     )

@@ -123,15 +123,17 @@ def candidate_features(
 
 def item_similarity(
     users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0, neighbours: int = NEIGHBOURS,
-    block: int = 1024,
+    block: int | None = None,
 ) -> sp.csr_matrix:
     """Item-item cosine similarity of co-occurrence in user histories, shrunk towards zero,
     keeping each item's `neighbours` most similar items.
 
     A classical collaborative signal (item-kNN) the ranker gets as a feature. Computed
-    `block` items at a time, so memory stays at block x items plus the kept neighbours
-    whatever the catalogue size. Row and column 0 (padding / unknown) stay empty.
+    `block` items at a time (by default about 4M similarities: 16 MiB, plus the partition's
+    int64 indices), so memory stays flat whatever the catalogue size. Row and column 0
+    (padding / unknown) stay empty.
     """
+    block = block or max(16, 2**22 // (n_items + 1))
     keep = items > 0
     matrix = sp.csr_matrix(
         (np.ones(int(keep.sum()), np.float32), (users[keep], items[keep])),
@@ -147,7 +149,7 @@ def item_similarity(
         together = (by_item[start:stop] @ matrix).toarray()
         together[np.arange(stop - start), np.arange(start, stop)] = 0.0
         together /= norms[start:stop, None] * norms[None, :] + shrink
-        top = np.argpartition(-together, width - 1, axis=1)[:, :width]
+        top = np.argpartition(together, -width, axis=1)[:, -width:]
         rows.append(np.repeat(np.arange(start, stop), width))
         columns.append(top.ravel())
         values.append(np.take_along_axis(together, top, axis=1).ravel())

@@ -12,6 +12,7 @@ over the `valid` split. The export is one SavedModel with two signatures, `query
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,11 +50,11 @@ def train_retrieval(
 
     started = time.perf_counter()
     seed_everything(seed)
+    strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
     features = load_features(feature_set.path)
     length = features_cfg.history_length
     dataset, steps = training_batches(training_examples(features, length), cfg.batch_size, seed,
                                       cfg.max_examples_per_epoch)
-    strategy = distribution(cfg)
     with strategy.scope():
         model = towers.TwoTower(features, length, cfg)
         if warm_from is not None:
@@ -84,8 +85,10 @@ def distribution(cfg: RetrievalConfig):
     """The tf.distribute strategy `cfg.strategy` names; batches are split across its replicas.
 
     "mirrored" uses this machine's GPUs, or without one `cfg.devices` logical CPU devices
-    (set before TensorFlow first runs an op); "multi_worker" reads the cluster from
-    TF_CONFIG (one worker without it).
+    (set before TensorFlow first runs an op, so a process that trains several times keeps
+    the first run's devices); "multi_worker" reads the cluster from TF_CONFIG (one worker
+    without it). Each replica takes its share of the batch, and its in-batch negatives
+    come from that share.
     """
     from tasks.tfenv import tf
 
@@ -203,8 +206,10 @@ def retrieve(
     then never depend on how many threads BLAS has (Dask workers start with
     OMP_NUM_THREADS=1), so a sharded run writes the same numbers as a single process.
     """
-    threadpool_limits(1, user_api="blas")
+    _single_threaded_blas()
     n = min(n, item_embeddings.shape[0] - 1)
+    if n <= 0:
+        return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
     block = block or max(16, BLOCK_SCORES // item_embeddings.shape[0])
     rows, items = exclude
     order = np.argsort(rows, kind="stable")
@@ -227,6 +232,17 @@ def retrieve(
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(one_block, range(0, queries.shape[0], block)))
     return top_items, top_scores
+
+
+_blas = threading.Lock()
+
+
+def _single_threaded_blas() -> None:
+    """Set BLAS to one thread, once per process (retrieve parallelises over blocks itself)."""
+    with _blas:
+        if not getattr(_single_threaded_blas, "done", False):
+            threadpool_limits(1, user_api="blas")
+            _single_threaded_blas.done = True
 
 
 class RetrievalBundle:

@@ -4,8 +4,10 @@ Seventh and last stages of the nightly DAG. `recommend` is the one path from a m
 directory (retrieval + ranking SavedModels and their vocabularies) to ranked lists: it
 maps tonight's ids into the model's vocabulary, so a champion trained on an earlier
 night scores tonight's users just as a fresh model does. The evaluation stage uses the
-same function on the held-out split. `score` writes the output table of DESIGN.md to a
-temp directory; `publish` renames it into recommendations/run_date=.../.
+same function on the held-out split. `prepare` makes the temp directory of tonight's
+partition with what every shard shares; `score_shard` writes one range of users' part of
+DESIGN.md's output table there (shards may run on Dask workers); `publish` renames it
+into recommendations/run_date=.../.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def score_shard(
     staged/part-<shard>.parquet; return its rows. Shards may run on other workers."""
     features = load_features(feature_set.path)
     users = shard_users(features.n_users, shard, shards)
+    if users.size == 0:  # more shards than blocks of users
+        return 0
     similarity = sp.load_npz(staged / SHARED)
     recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity)
     table = (

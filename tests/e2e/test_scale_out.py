@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,3 +81,13 @@ def test_training_under_a_mirrored_strategy_over_two_cpu_devices(tmp_path):
     assert "MirroredStrategy with 2 replica(s)" in log
     assert summary["rows"] == DATA["n_users"] * FAST["top_k"]
     assert summary["ndcg_at_10"] > summary["popularity_ndcg_at_10"]
+
+
+def test_a_remote_dask_cluster_needs_a_prefect_api_its_workers_can_reach(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--dask-address", "tcp://127.0.0.1:1", "--workspace", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env=env,
+    )
+    assert result.returncode == 2  # a flag error
+    assert result.stderr.strip().startswith("recflow: error: --dask-address: remote Dask workers report to the Prefect")
