@@ -104,7 +104,9 @@ def test_a_run_killed_during_a_stage_leaves_no_partial_output_and_the_next_run_c
 
 
 def test_a_second_run_on_a_busy_workspace_fails_fast_with_who_holds_it(workspace):
-    config = write_config(workspace.parent / "busy.json", retrieval={"max_epochs": 3, "batch_size": 512, "l2": 1e-6})
+    # Training that never ends on its own (tiny epochs, no early stop): the first run holds the lock until killed.
+    config = write_config(workspace.parent / "busy.json", retrieval={
+        "max_epochs": 1000, "patience": 1000, "max_examples_per_epoch": 512, "batch_size": 512, "l2": 1e-6})
     first = subprocess.Popen(command(workspace, config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     try:
