@@ -67,7 +67,7 @@ def recommend(
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
     if similarity is None:
-        similarity = item_similarity(seen_users, seen_items, model_items.height)
+        similarity = history_similarity(models, features, history)
     n_candidates = max(n_candidates, k)
     frames = []
     for start in range(0, users.size, USERS_PER_BLOCK):
@@ -100,8 +100,8 @@ def recommend(
 
 
 def history_similarity(models: Path, features: Features, history: pl.DataFrame) -> sp.csr_matrix:
-    """The item co-occurrence similarity `recommend` computes from `history`, in the
-    models' item indices: computed once and shared by all scoring shards."""
+    """The item co-occurrence similarity of `history`, in the models' item indices: what
+    `recommend` re-ranks with; computed once and shared by all scoring shards."""
     n_items = pl.read_parquet(models / "vocab" / "items.parquet", columns=["item_idx"]).height
     items = _item_map(models, features)[history["item_idx"].to_numpy()]
     return item_similarity(history["user_idx"].to_numpy(), items, n_items)
