@@ -29,6 +29,8 @@ def main() -> None:
 
 Source = Annotated[Optional[str], typer.Option(help="'synthetic', a data directory, or 'movielens:<name>'")]
 Workspace = Annotated[Optional[Path], typer.Option(help="directory for everything a run writes [default: ./workspace]")]
+KeyFile = Annotated[Optional[Path], typer.Option(
+    help="the run's privacy.key_file, when user ids were pseudonymised: the id is hashed with it to find the list")]
 TopK = Annotated[Optional[int], typer.Option(help="items per user in the output table [default: 20]")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON file of PipelineConfig fields")]
 
@@ -135,16 +137,35 @@ def recs(
     user_id: Annotated[str, typer.Argument(help="a user id as in the input")],
     run_date: Annotated[Optional[str], typer.Option(help="YYYY-MM-DD (default: the latest run)")] = None,
     workspace: Workspace = None,
+    key_file: KeyFile = None,
 ) -> None:
     """Print one user's list with item titles."""
+    _print_table(_user_list(user_id, run_date, workspace, key_file).select(
+        "rank", "item_id", "title", "score", "run_date", "model_version"))
+
+
+@app.command()
+def explain(
+    user_id: Annotated[str, typer.Argument(help="a user id as in the input")],
+    run_date: Annotated[Optional[str], typer.Option(help="YYYY-MM-DD (default: the latest run)")] = None,
+    workspace: Workspace = None,
+    key_file: KeyFile = None,
+) -> None:
+    """Print one user's list with the reason for each item: the item of their recent history
+    most like it (cosine of the candidate tower's embeddings)."""
+    _print_table(_user_list(user_id, run_date, workspace, key_file).select(
+        "rank", "item_id", "title", "reason", "because_item_id", "because_title"))
+
+
+def _user_list(user_id: str, run_date: str | None, workspace: Path | None, key_file: Path | None):
+    from tasks.privacy import served_id
     from tasks.score import user_list
     from tasks.workspace import RecflowError
 
     try:
-        table = user_list(_workspace(workspace), user_id, _date(run_date, "--run-date"))
+        return user_list(_workspace(workspace), served_id(user_id, key_file), _date(run_date, "--run-date"))
     except RecflowError as error:
         _fail(str(error))
-    _print_table(table)
 
 
 @app.command()

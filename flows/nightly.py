@@ -1,7 +1,7 @@
 """The nightly DAG as one Prefect flow, and the backfill flow that replays it over past
 dates: wiring, parameters and artifacts only.
 
-ingest -> validate -> features -> train_retrieval -> train_ranking -> evaluate -> score -> publish
+ingest -> validate -> features -> train_retrieval -> train_ranking -> evaluate -> score -> publish -> catalogue
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from schemas.config import PipelineConfig
 from schemas.tables import ChampionDecision, FeatureSet, ModelSet, PublishedTable, Snapshot
+from tasks import privacy
+from tasks.catalogue import catalogue_task
 from tasks.evaluate import champion_models, check_tracking, end_run, evaluate_task, log_run_data, run_link, start_run
 from tasks.features import features_task
 from tasks.ingest import fingerprint, ingest_task
@@ -26,7 +28,8 @@ from tasks.validate import summary_markdown, validate_task
 from tasks.workspace import RecflowError, clean_temp, code_version, locked, partition, publish_dir, reuse, stage_key, stamp, temp_dir
 
 
-STAGES = ("ingest", "validate", "features", "train_retrieval", "train_ranking", "evaluate", "score", "publish")
+STAGES = ("ingest", "validate", "features", "train_retrieval", "train_ranking", "evaluate", "score", "publish",
+          "catalogue")
 
 
 @flow(name="recflow-nightly")
@@ -62,14 +65,15 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
 
         started = time.perf_counter()
         snapshot_key = stage_key(
-            "snapshot", fingerprint(config.source, run_date, config.synthetic, config.seed), config.validation, code_version()
+            "snapshot", fingerprint(config.source, run_date, config.synthetic, config.seed), config.validation,
+            privacy.fingerprint(config.privacy, workspace), code_version(),
         )
         snapshot = cached(
             ["ingest", "validate"], partition(workspace, "snapshots", run_date), snapshot_key, Snapshot,
             lambda: timed(
                 "validate", validate_task,
                 timed("ingest", ingest_task, config.source, run_date, workspace, config.synthetic, config.seed,
-                          config.validation),
+                      config.validation, config.privacy),
                 workspace, run_date, config.validation, snapshot_key,
             ),
         )
@@ -82,7 +86,9 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                 ["features"], partition(workspace, "features", run_date), feature_key, FeatureSet,
                 lambda: timed("features", features_task, snapshot, workspace, run_date, config.features, feature_key),
             )
-            warm = champion_models(workspace) if config.retrieval.warm_start else None
+            champion = champion_models(workspace)
+            retire = champion is not None and privacy.remembers(champion, config.privacy, workspace)
+            warm = champion if config.retrieval.warm_start and not retire else None
             models_key = stage_key(
                 "models", feature_key, config.retrieval, config.ranking, config.seed, warm.name if warm else None
             )
@@ -91,11 +97,12 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                 lambda: _train(config, feature_set, workspace, models_key, warm, timed),
             )
             decision = timed(
-                "evaluate", evaluate_task, feature_set, feature_key, models, run_id, workspace, config.retrieval.candidates
+                "evaluate", evaluate_task, feature_set, feature_key, models, run_id, workspace,
+                config.retrieval.candidates, config.diversity, retire,
             )
             output_key = stage_key(
                 "recommendations", feature_key, decision.models_path.name, decision.model_version, decision.mlflow_run_id,
-                config.top_k, config.retrieval.candidates,
+                config.top_k, config.retrieval.candidates, config.diversity,
             )
             manifest = {"run_date": run_date.isoformat(), "mlflow_run_id": run_id, "model_version": decision.model_version}
             published = cached(
@@ -106,6 +113,10 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                     workspace, run_date, manifest, output_key,
                 ),
             )
+            catalogue = timed("catalogue", catalogue_task, snapshot, feature_set, decision, workspace, run_date,
+                              config.top_k, config.similar_items, config.popularity_half_life_days)
+            forgotten = privacy.forget(workspace, config.privacy, keep=decision.models_path)
+            pruned = privacy.prune(workspace, run_date, config.privacy.retention_days)
             timings["time_total_s"] = round(time.perf_counter() - started, 2)
             log_run_data(
                 workspace,
@@ -115,7 +126,9 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                 | {f"retrieval_{k}": v for k, v in models.retrieval.metrics.items()}
                 | {f"ranking_{k}": v for k, v in models.ranking.metrics.items()}
                 | {"retrieval_epochs": models.retrieval.epochs, "stages_reused": len(reused)}
-                | {"output_rows": published.rows, "output_users": published.users}
+                | {"output_rows": published.rows, "output_users": published.users} | catalogue
+                | {"privacy_files_rewritten": forgotten["rewritten"], "privacy_dirs_removed": forgotten["removed"],
+                   "retention_partitions_pruned": len(pruned)}
                 | {"data_interactions": snapshot.n_interactions, "data_users": snapshot.n_users, "data_items": snapshot.n_items}
                 | {f"data_{split}_events": size for split, size in feature_set.split_sizes.items()},
                 {"validation": snapshot.path / "validation"},
@@ -189,7 +202,7 @@ def _score(config: PipelineConfig, feature_set: FeatureSet, decision: ChampionDe
     staged = prepare_task(feature_set, decision, workspace)
     shards = [
         score_shard_task.submit(feature_set, decision, staged, run_date, config.retrieval.candidates, config.top_k,
-                                shard, config.shards)
+                                shard, config.shards, config.diversity)
         for shard in range(config.shards)
     ]
     rows = [shard.result() for shard in shards]

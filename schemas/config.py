@@ -105,6 +105,25 @@ class RankingConfig(_Section):
     id_embeddings: bool = Field(False, description="user and item id embeddings in the ranker (overfit on small data)")
 
 
+class PrivacyConfig(_Section):
+    """Opt-outs, pseudonymisation and retention (README, "Privacy")."""
+
+    deleted_users: str | None = Field(
+        None,
+        description="a CSV or parquet file with a user_id column: users who opted out or asked to be deleted; "
+        "their events are dropped at ingestion, so they are in no later artifact, model or output",
+    )
+    key_file: str | None = Field(
+        None,
+        description="a file holding a secret key, outside the workspace: when set, every user id is replaced by "
+        "its keyed hash (HMAC-SHA256) at ingestion, in every artifact and output",
+    )
+    retention_days: int | None = Field(
+        None, ge=1, description="keep dated partitions this many days before the run date; older ones are pruned "
+        "after a successful run (default: keep everything)",
+    )
+
+
 class PipelineConfig(_Section):
     """Parameters of one nightly run."""
 
@@ -120,6 +139,15 @@ class PipelineConfig(_Section):
         description="scoring shards (ranges of users), run in parallel on the flow's task runner: threads, or "
         "Dask workers with `recflow run --task-runner dask`; any count gives the same table",
     )
+    diversity: float = Field(
+        0.0, ge=0, lt=1,
+        description="weight of category diversity when the final list is chosen from the ranked candidates "
+        "(maximal marginal relevance); 0 = pure relevance",
+    )
+    similar_items: int = Field(10, ge=1, le=1000, description="neighbours per item in similar_items/")
+    popularity_half_life_days: float = Field(
+        30.0, gt=0, description="how fast an event's weight in the fallback lists' recent popularity halves"
+    )
     seed: int = 42
     mlflow_experiment: str = "recflow"
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -127,6 +155,7 @@ class PipelineConfig(_Section):
     features: FeatureConfig = FeatureConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     ranking: RankingConfig = RankingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @field_validator("workspace")
     @classmethod

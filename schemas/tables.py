@@ -41,6 +41,34 @@ RECOMMENDATIONS = pl.Schema(
         "retrieval_score": pl.Float32,
         "model_version": pl.String,
         "mlflow_run_id": pl.String,
+        "because_item_id": pl.String,  # the history item most like this one (see `reason`)
+        "reason": pl.String,
+    }
+)
+
+# What to serve a user the run does not know (fallback/run_date=.../part-00000.parquet):
+# recent popularity overall (category null) and within each category.
+FALLBACK = pl.Schema(
+    {
+        "run_date": pl.Date,
+        "category": pl.String,
+        "rank": pl.Int32,
+        "item_id": pl.String,
+        "score": pl.Float32,  # time-decayed event count
+    }
+)
+
+# "More like this" (similar_items/run_date=.../part-00000.parquet): each item's nearest
+# items by the candidate tower's embeddings.
+SIMILAR_ITEMS = pl.Schema(
+    {
+        "run_date": pl.Date,
+        "item_id": pl.String,
+        "rank": pl.Int32,
+        "similar_item_id": pl.String,
+        "score": pl.Float32,  # cosine similarity
+        "model_version": pl.String,
+        "mlflow_run_id": pl.String,
     }
 )
 

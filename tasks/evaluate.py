@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from prefect import task
 
 from schemas.tables import ChampionDecision, FeatureSet, ModelSet
-from tasks.features import Features, load_features, user_histories
+from tasks.features import Features, load_features, padded, user_histories
 from tasks.retrieval import RetrievalBundle, as_table, retrieve, rows_of
 from tasks.score import recommend
 from tasks.workspace import RecflowError, code_version, publish_dir, temp_dir, write_json
@@ -70,6 +71,49 @@ def ranking_metrics(recs: pl.DataFrame, truth: pl.DataFrame, k: int, n_items: in
     }
 
 
+def list_metrics(recs: pl.DataFrame, features: Features, k: int) -> dict[str, float]:
+    """Beyond accuracy, averaged over users with a list: intra-list `diversity` (mean
+    1 - cosine of the category sets of each pair of items in a top-`k` list), `novelty`
+    (mean self-information -log2 p of the items, p their smoothed share of `fit` events)
+    and `popularity_bias` (mean popularity percentile of the items: 1 = the most popular,
+    about 0.5 for lists drawn at random). `recs` has columns user, item (tonight's
+    item_idx; unknown items < 1 are skipped), rank."""
+    top = recs.filter((pl.col("rank") <= k) & (pl.col("item") > 0)).sort("user", "rank")
+    if top.is_empty():
+        return {"diversity": 0.0, "novelty": 0.0, "popularity_bias": 0.0}
+    popularity = features.item_popularity[1:]
+    share = np.concatenate([[1.0], (popularity + 1) / (popularity.sum() + popularity.size)])
+    percentile = np.concatenate([[0.0], (np.argsort(np.argsort(popularity, kind="stable"), kind="stable") + 1)
+                                 / popularity.size])
+    per_user = top.with_columns(
+        pl.Series("information", -np.log2(share[top["item"].to_numpy()])),
+        pl.Series("percentile", percentile[top["item"].to_numpy()]),
+    ).group_by("user").agg(pl.col("information").mean(), pl.col("percentile").mean())
+    lists = padded(top.group_by("user", maintain_order=True).agg(pl.col("item"))["item"], k)[1:]
+    return {
+        "diversity": _intra_list_diversity(features.item_categories[lists], lists > 0),
+        "novelty": float(per_user["information"].mean()),
+        "popularity_bias": float(per_user["percentile"].mean()),
+    }
+
+
+def _intra_list_diversity(categories: np.ndarray, present: np.ndarray, block: int = 4096) -> float:
+    """Mean over lists with two or more items of their mean pairwise category dissimilarity;
+    `categories` (lists, k, C) holds category indices, 0 = none."""
+    k = present.shape[1]
+    totals = []
+    for start in range(0, present.shape[0], block):
+        cats, real = categories[start : start + block], present[start : start + block]
+        sizes = (cats > 0).sum(-1)
+        shared = ((cats[:, :, None, :, None] == cats[:, None, :, None, :]) & (cats[:, :, None, :, None] > 0)).sum((3, 4))
+        cosine = shared / np.sqrt(np.maximum(sizes[:, :, None] * sizes[:, None, :], 1))
+        pairs = real[:, :, None] & real[:, None, :] & ~np.eye(k, dtype=bool)
+        counted = pairs.sum((1, 2)) > 0
+        totals.append(((1 - cosine) * pairs).sum((1, 2))[counted] / pairs.sum((1, 2))[counted])
+    values = np.concatenate(totals)
+    return float(values.mean()) if values.size else 0.0
+
+
 # --- the stage -----------------------------------------------------------------------
 
 CUTOFF = 10
@@ -80,10 +124,15 @@ CHAMPION = "champion"
 
 
 def evaluate(
-    feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int
+    feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int,
+    diversity: float = 0.0, retire_champion: bool = False,
 ) -> ChampionDecision:
-    """Score tonight's models (and the champion) on the test split; log, register, decide."""
-    results = heldout_metrics(models.path, feature_set, feature_key, n_candidates)
+    """Score tonight's models (and the champion) on the test split; log, register, decide.
+
+    With `retire_champion` (it was trained with users now on the deletion list) tonight's
+    models replace the champion whatever their metrics.
+    """
+    results = heldout_metrics(models.path, feature_set, feature_key, n_candidates, diversity=diversity)
     flat = {f"{_metric_prefix(name)}{m}_at_{CUTOFF}": v for name, values in results.items() for m, v in values.items()
             if name != "curve"}
     client = _client(workspace)
@@ -97,8 +146,12 @@ def evaluate(
         version = _register(client, run_id, models.key)
         if champion is None:
             promote, reason = True, "no champion yet"
+        elif retire_champion:
+            promote = True
+            reason = f"champion v{champion[0].version} was trained with users now on the deletion list: retired"
         else:
-            held = heldout_metrics(champion[1], feature_set, feature_key, n_candidates, baselines=False)["retrieval+ranking"]
+            held = heldout_metrics(champion[1], feature_set, feature_key, n_candidates, baselines=False,
+                                   diversity=diversity)["retrieval+ranking"]
             flat |= {f"champion_{m}_at_{CUTOFF}": v for m, v in held.items()}
             promote = new_ndcg > held["ndcg"]
             reason = (
@@ -135,7 +188,9 @@ def _log_evaluation(client, run_id: str, flat: dict, results: dict, models: Mode
     with tempfile.TemporaryDirectory() as scratch:
         pl.DataFrame(rows).write_csv(Path(scratch) / "metrics.csv")
         client.log_artifact(run_id, str(Path(scratch) / "metrics.csv"))
-    client.log_artifacts(run_id, str(models.path), "models")
+    with tempfile.TemporaryDirectory() as scratch:  # MLflow never holds user ids: the user vocabulary stays local
+        shutil.copytree(models.path, Path(scratch) / "models", ignore=shutil.ignore_patterns("users.parquet"))
+        client.log_artifacts(run_id, str(Path(scratch) / "models"), "models")
     for name, figure in _plots(results["curve"], models).items():
         client.log_figure(run_id, figure, f"plots/{name}.png")
 
@@ -164,15 +219,19 @@ def _plots(curves: dict, models: ModelSet) -> dict:
     return figures
 
 
-def heldout_metrics(models: Path, feature_set: FeatureSet, feature_key: str, n_candidates: int, baselines: bool = True) -> dict:
-    """Metrics@10 of retrieval + ranking (and, with `baselines`, of popularity and retrieval
-    alone) on the test split, plus recall at several cut-offs (`curve`); cached in
-    models/evaluation/.
+def heldout_metrics(
+    models: Path, feature_set: FeatureSet, feature_key: str, n_candidates: int, baselines: bool = True,
+    diversity: float = 0.0,
+) -> dict:
+    """Accuracy and list metrics@10 of retrieval + ranking (and, with `baselines`, of
+    popularity and retrieval alone) on the test split, plus recall at several cut-offs
+    (`curve`); cached in models/evaluation/. `diversity` is the final re-ranking's
+    (`recommend`).
 
     Without `baselines` the models may come from an earlier night (the champion): only the
     full path maps tonight's ids into the models' vocabulary.
     """
-    cached = models / "evaluation" / f"{feature_key}{'' if baselines else '-models-only'}.json"
+    cached = models / "evaluation" / f"{feature_key}-diversity{diversity:g}{'' if baselines else '-models-only'}.json"
     if cached.exists():
         return json.loads(cached.read_text())
     features = load_features(feature_set.path)
@@ -183,13 +242,16 @@ def heldout_metrics(models: Path, feature_set: FeatureSet, feature_key: str, n_c
     test = test.filter(pl.col("user_idx").is_in(users.tolist()))
     truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
     deepest = max(CURVE)
-    table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest)}
+    table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest, diversity)}
     if baselines:
         table |= {
             "popularity": popularity_lists(features, visible, users, deepest),
             "retrieval": retrieval_lists(models, features, visible, users, deepest),
         }
-    results: dict = {name: ranking_metrics(recs, truth, CUTOFF, features.n_items) for name, recs in table.items()}
+    results: dict = {
+        name: ranking_metrics(recs, truth, CUTOFF, features.n_items) | list_metrics(recs, features, CUTOFF)
+        for name, recs in table.items()
+    }
     results["curve"] = {
         name: {str(k): ranking_metrics(recs, truth, k, features.n_items)["recall"] for k in CURVE}
         for name, recs in table.items()
@@ -219,9 +281,10 @@ def retrieval_lists(
 
 
 def model_lists(
-    models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int, k: int = CUTOFF
+    models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int, k: int = CUTOFF,
+    diversity: float = 0.0,
 ) -> pl.DataFrame:
-    recs = recommend(models, features, users, visible, n, k)
+    recs = recommend(models, features, users, visible, n, k, diversity=diversity)
     return recs.join(features.items.select("item_id", "item_idx"), on="item_id", how="left").select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").fill_null(-1).alias("item"), "rank"
     )
@@ -389,6 +452,7 @@ def _champion(client, workspace: Path):
 
 @task(name="evaluate")
 def evaluate_task(
-    feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int
+    feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int,
+    diversity: float, retire_champion: bool,
 ) -> ChampionDecision:
-    return evaluate(feature_set, feature_key, models, run_id, workspace, n_candidates)
+    return evaluate(feature_set, feature_key, models, run_id, workspace, n_candidates, diversity, retire_champion)

@@ -186,13 +186,13 @@ def load_features(path: Path) -> Features:
         users=pl.read_parquet(path / "users.parquet"),
         items=items,
         events=events,
-        item_categories=_padded(items["categories_idx"], MAX_CATEGORIES),
-        item_title=_padded(items["title_idx"], max(1, int(items["title_idx"].list.len().max() or 1))),
+        item_categories=padded(items["categories_idx"], MAX_CATEGORIES),
+        item_title=padded(items["title_idx"], max(1, int(items["title_idx"].list.len().max() or 1))),
         item_popularity=popularity,
     )
 
 
-def _padded(lists: pl.Series, width: int) -> np.ndarray:
+def padded(lists: pl.Series, width: int) -> np.ndarray:
     matrix = np.zeros((lists.len() + 1, width), dtype=np.int32)  # row 0 = padding item
     lengths = lists.list.len().to_numpy().astype(np.int64)
     flat = lists.explode().drop_nulls().to_numpy().astype(np.int32)

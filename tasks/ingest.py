@@ -30,8 +30,9 @@ import numpy as np
 import polars as pl
 from prefect import task
 
-from schemas.config import SyntheticConfig, ValidationConfig
+from schemas.config import PrivacyConfig, SyntheticConfig, ValidationConfig
 from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
+from tasks.privacy import deleted_users, protect, read_key
 from tasks.workspace import RecflowError, stage_key, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,13 @@ def ingest(
     synthetic: SyntheticConfig,
     seed: int,
     validation: ValidationConfig | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> Snapshot:
     """Read `source`, normalise it and stage it as parquet; return the staged snapshot.
 
-    With `validation.max_bad_row_fraction` above zero, rows that break a row-level rule are
+    Before anything is written, users on `privacy.deleted_users` lose all their events and,
+    with `privacy.key_file`, user ids become pseudonyms (tasks/privacy.py). With
+    `validation.max_bad_row_fraction` above zero, rows that break a row-level rule are
     staged apart (REJECTED, with a reason each) for validation to quarantine.
     """
     lenient = validation is not None and validation.max_bad_row_fraction > 0
@@ -63,6 +67,15 @@ def ingest(
         interactions, items, users = read_directory(directory, lenient)
         origin = {table: str(path) for table, path in source_files(directory).items()}
     interactions = up_to(interactions, run_date)
+    privacy = privacy or PrivacyConfig()
+    deleted, key = deleted_users(privacy), read_key(privacy, workspace)
+    before = interactions.height
+    interactions, users = protect(interactions, deleted, key), protect(users, deleted, key)
+    if deleted.len():
+        log.info("privacy: %d user(s) on the deletion list; %d of their event(s) dropped", deleted.len(),
+                 before - interactions.height)
+    if key:
+        log.info("privacy: user ids pseudonymised with the key in privacy.key_file")
     staged = temp_dir(workspace, "snapshot")
     if lenient:
         interactions, rejected = quarantine_rows(interactions, items, validation, origin["interactions"])
@@ -481,6 +494,7 @@ def _synthetic_items(rng: np.random.Generator, item_cluster: np.ndarray, n_categ
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), RecflowError))
 def ingest_task(
-    source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int, validation: ValidationConfig
+    source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int, validation: ValidationConfig,
+    privacy: PrivacyConfig,
 ) -> Snapshot:
-    return ingest(source, run_date, workspace, synthetic, seed, validation)
+    return ingest(source, run_date, workspace, synthetic, seed, validation, privacy)

@@ -160,7 +160,7 @@ def warm_start(model, champion: Path, features: Features) -> int:
     tables are left fresh: their indices are rebuilt every night. Returns the number of
     tensors copied.
     """
-    from tasks.score import index_map
+    from tasks.score import index_map, model_user_map
     from tasks.tfenv import tf
 
     model.query_model({"user_idx": np.zeros(1, np.int32), "history": np.zeros((1, model.history_length), np.int32)})
@@ -169,8 +169,7 @@ def warm_start(model, champion: Path, features: Features) -> int:
     vocab = champion / "vocab"
     copied = 0
     for new_table, old_table, rows in (
-        (new.users.embeddings, old.users.embeddings,
-         index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")),
+        (new.users.embeddings, old.users.embeddings, model_user_map(champion, features)),
         (new.items.ids.embeddings, old.items.ids.embeddings,
          index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")),
     ):

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from prefect import task
 
 from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable
-from tasks.features import Features, load_features, user_histories
+from tasks.features import MAX_CATEGORIES, Features, load_features, padded, user_histories
 from tasks.ranking import candidate_features, cooccurrence, item_similarity
 from tasks.retrieval import RetrievalBundle
 from tasks.workspace import RecflowError, partition, publish_dir, stamp, temp_dir, write_json, write_parquet
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 USERS_PER_BLOCK = 1024
 SHARED = "_similarity.npz"  # scoring's shared input, removed before publishing
 RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
-               "retrieval_score": pl.Float32}
+               "retrieval_score": pl.Float32, "because_item_id": pl.String, "reason": pl.String}
 
 
 def recommend(
@@ -44,24 +44,32 @@ def recommend(
     n_candidates: int,
     k: int,
     similarity: sp.csr_matrix | None = None,
+    diversity: float = 0.0,
 ) -> pl.DataFrame:
-    """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`.
+    """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`, each
+    recommendation explained by the history item most like it.
 
     `history` holds the events (tonight's indices, sorted by user and time) that form each
     user's sequence and that are never recommended again; `similarity` is
-    `history_similarity(models, features, history)` when the caller already has it.
+    `history_similarity(models, features, history)` when the caller already has it. With
+    `diversity` above 0 the list is chosen from the ranked candidates by maximal marginal
+    relevance over item categories (`diversify`), and `score` is that choice's objective.
     Users are scored USERS_PER_BLOCK at a time, in the order given. Returns one row per
-    (user, rank) with columns user_idx, rank, item_id, score, retrieval_score.
+    (user, rank) with the columns of RECS_SCHEMA.
     """
     from tasks.tfenv import tf
 
     vocab = models / "vocab"
-    user_map = index_map(features.users, pl.read_parquet(vocab / "users.parquet"), "user_id", "user_idx")
+    user_map = model_user_map(models, features)
     item_map = _item_map(models, features)
-    model_items = pl.read_parquet(vocab / "items.parquet", columns=["item_id", "item_idx"]).sort("item_idx")
-    item_ids = np.concatenate([[""], model_items["item_id"].to_numpy()]).astype(object)
+    model_items = pl.read_parquet(vocab / "items.parquet", columns=["item_id", "item_idx", "title", "categories_idx"])
+    model_items = model_items.sort("item_idx")
+    item_ids = np.concatenate([[None], model_items["item_id"].to_numpy()]).astype(object)
+    titles = np.concatenate([[None], model_items["title"].fill_null(model_items["item_id"]).to_numpy()]).astype(object)
+    categories = padded(model_items["categories_idx"], MAX_CATEGORIES)
     popularity = np.load(vocab / "item_popularity.npy")
     retrieval = RetrievalBundle.load(models / "retrieval")
+    unit = retrieval.item_embeddings / np.maximum(np.linalg.norm(retrieval.item_embeddings, axis=1, keepdims=True), 1e-12)
     ranker = tf.saved_model.load(str(models / "ranking")).signatures["score"]
     histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
@@ -81,22 +89,83 @@ def recommend(
         inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block], together)
         ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
         ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
-        order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+        if diversity > 0:
+            order, final = diversify(ranked, categories[candidates], k, diversity)
+        else:
+            order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+            final = np.take_along_axis(ranked, order, axis=1)
         top = np.take_along_axis(candidates, order, axis=1)
+        because, closeness = explain(unit, top, histories[block])
         width = top.shape[1]
         frames.append(
             pl.DataFrame(
                 {
                     "user_idx": np.repeat(block, width).astype(np.int32),
                     "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
-                    "item_id": item_ids[top.ravel()].astype(str),
-                    "score": np.take_along_axis(ranked, order, axis=1).ravel().astype(np.float32),
+                    "item_id": item_ids[top.ravel()],
+                    "score": final.ravel().astype(np.float32),
                     "retrieval_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
-                }
+                    "because_item_id": item_ids[because.ravel()],
+                    "because_title": titles[because.ravel()],
+                    "similarity": closeness.ravel(),
+                },
+                schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
             )
         )
-    recs = pl.concat(frames) if frames else pl.DataFrame(schema=RECS_SCHEMA)
-    return recs.filter(pl.col("score").is_finite())
+    recs = pl.concat(frames) if frames else pl.DataFrame(schema=RECS_SCHEMA | {"because_title": pl.String,
+                                                                              "similarity": pl.Float32})
+    reason = (
+        pl.when(pl.col("because_item_id").is_null())
+        .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
+        .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title",
+                             pl.col("similarity").round(2)))
+    )
+    return recs.filter(pl.col("score").is_finite()).with_columns(reason.alias("reason")).select(RECS_SCHEMA.keys())
+
+
+def diversify(relevance: np.ndarray, categories: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal marginal relevance: pick `k` of each row's candidates one at a time, each the
+    best by (1 - weight) * relevance - weight * (its largest category similarity to the
+    items already picked). Returns (positions in the row, the objective at each pick).
+
+    `relevance` (users, candidates) is the ranker's score, -inf where there is no candidate;
+    it is rescaled to [0, 1] per user. `categories` (users, candidates, C) holds category
+    indices (0 = none); similarity is the cosine of two items' category sets. The
+    objective never increases from one pick to the next, so it serves as the list's score.
+    """
+    users, n = relevance.shape
+    real = np.isfinite(relevance)
+    low = np.min(relevance, axis=1, where=real, initial=np.inf, keepdims=True)
+    high = np.max(relevance, axis=1, where=real, initial=-np.inf, keepdims=True)
+    scaled = np.where(real, (relevance - low) / np.where(high > low, high - low, 1.0), -np.inf)
+    sizes = (categories > 0).sum(-1)
+    rows = np.arange(users)
+    penalty = np.zeros((users, n))
+    picks = np.zeros((users, min(k, n)), dtype=np.int64)
+    values = np.full((users, min(k, n)), -np.inf)
+    for step in range(picks.shape[1]):
+        objective = np.where(real, (1 - weight) * scaled - weight * penalty, -np.inf)
+        pick = objective.argmax(axis=1)
+        picks[:, step], values[:, step] = pick, objective[rows, pick]
+        real[rows, pick] = False
+        chosen = categories[rows, pick]
+        shared = ((categories[:, :, :, None] == chosen[:, None, None, :]) & (chosen[:, None, None, :] > 0)).sum((2, 3))
+        similarity = shared / np.sqrt(np.maximum(sizes * sizes[rows, pick][:, None], 1))
+        penalty = np.maximum(penalty, similarity)
+    return picks, values
+
+
+def explain(unit_items: np.ndarray, top: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each recommended item in `top` (users, k), the item of the user's `history`
+    (users, L; model indices, 0 = padding) whose candidate-tower embedding is most similar
+    (cosine; `unit_items` are the normalised embeddings) and that similarity. The item is
+    0 and the similarity NaN when the history holds no item the model knows."""
+    similarity = np.einsum("ukd,uld->ukl", unit_items[top], unit_items[history])
+    similarity = np.where(history[:, None, :] > 0, similarity, -np.inf)
+    best = similarity.argmax(axis=-1)
+    because = np.take_along_axis(history, best, axis=1)
+    closeness = np.take_along_axis(similarity, best[..., None], axis=-1)[..., 0]
+    return because, np.where(because > 0, closeness, np.nan).astype(np.float32)
 
 
 def history_similarity(models: Path, features: Features, history: pl.DataFrame) -> sp.csr_matrix:
@@ -105,6 +174,15 @@ def history_similarity(models: Path, features: Features, history: pl.DataFrame) 
     n_items = pl.read_parquet(models / "vocab" / "items.parquet", columns=["item_idx"]).height
     items = _item_map(models, features)[history["item_idx"].to_numpy()]
     return item_similarity(history["user_idx"].to_numpy(), items, n_items)
+
+
+def model_user_map(models: Path, features: Features) -> np.ndarray:
+    """Tonight's user_idx -> the models' user_idx. Models restored from MLflow have no user
+    vocabulary (MLflow never holds user ids): their users are then all unknown (0)."""
+    vocabulary = models / "vocab" / "users.parquet"
+    if not vocabulary.exists():
+        return np.zeros(features.n_users + 1, dtype=np.int32)
+    return index_map(features.users, pl.read_parquet(vocabulary), "user_id", "user_idx")
 
 
 def _item_map(models: Path, features: Features) -> np.ndarray:
@@ -148,7 +226,7 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 
 def score_shard(
     feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
-    shard: int, shards: int,
+    shard: int, shards: int, diversity: float = 0.0,
 ) -> int:
     """Write the top-`k` lists of one user range, as DESIGN.md's output table, to
     staged/part-<shard>.parquet; return its rows. Shards may run on other workers."""
@@ -157,7 +235,7 @@ def score_shard(
     if users.size == 0:  # more shards than blocks of users
         return 0
     similarity = sp.load_npz(staged / SHARED)
-    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity)
+    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity, diversity)
     table = (
         recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
         .with_columns(
@@ -191,7 +269,8 @@ def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict, ke
 
 
 def user_list(workspace: Path, user_id: str, run_date: dt.date | None = None) -> pl.DataFrame:
-    """One user's published list (latest run date unless given), with item titles."""
+    """One user's published list (latest run date unless given), with item titles and the
+    title of the history item that explains each recommendation."""
     root = workspace / "recommendations"
     dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
     if not dates:
@@ -203,11 +282,13 @@ def user_list(workspace: Path, user_id: str, run_date: dt.date | None = None) ->
     if table.is_empty():
         raise RecflowError(f"user {user_id!r} has no list on {day}: not in that run's input")
     items = partition(workspace, "snapshots", dt.date.fromisoformat(day)) / "items.parquet"
-    if items.exists():
-        table = table.join(pl.read_parquet(items, columns=["item_id", "title"]), on="item_id", how="left")
-    else:
-        table = table.with_columns(pl.lit(None, pl.String).alias("title"))
-    return table.sort("rank").select("rank", "item_id", "title", "score", "run_date", "model_version")
+    titles = (pl.read_parquet(items, columns=["item_id", "title"]) if items.exists()
+              else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String}))
+    table = table.join(titles, on="item_id", how="left").join(
+        titles.rename({"item_id": "because_item_id", "title": "because_title"}), on="because_item_id", how="left"
+    )
+    return table.sort("rank").select("rank", "item_id", "title", "score", "reason", "because_item_id",
+                                     "because_title", "run_date", "model_version")
 
 
 @task(name="prepare_scoring")
@@ -218,9 +299,9 @@ def prepare_task(feature_set: FeatureSet, decision: ChampionDecision, workspace:
 @task(name="score_shard", task_run_name="score_shard-{shard}")
 def score_shard_task(
     feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
-    shard: int, shards: int,
+    shard: int, shards: int, diversity: float,
 ) -> int:
-    return score_shard(feature_set, decision, staged, run_date, n_candidates, k, shard, shards)
+    return score_shard(feature_set, decision, staged, run_date, n_candidates, k, shard, shards, diversity)
 
 
 @task(name="publish")

@@ -21,7 +21,9 @@ class ItemEncoder(keras.layers.Layer):
     """An item as the sum of its id, category and title-token embeddings (hybrid CF + content).
 
     The content tables ride along as constants, so a new item with categories or a title
-    but few interactions still lands near similar items.
+    but few interactions still lands near similar items. An item without `fit` events (a
+    cold item: in the catalogue, never interacted with) is its content alone: its id
+    embedding would never be trained, only noise.
     """
 
     def __init__(self, features: Features, dim: int, l2: float = 0.0):
@@ -33,10 +35,11 @@ class ItemEncoder(keras.layers.Layer):
         self.tokens = keras.layers.Embedding(int(features.item_title.max()) + 1, dim)
         self.category_table = tf.constant(features.item_categories)
         self.token_table = tf.constant(features.item_title)
+        self.warm = tf.constant((features.item_popularity > 0).astype("float32")[:, None])
 
     def call(self, item_idx):
         return (
-            self.ids(item_idx)
+            self.ids(item_idx) * tf.gather(self.warm, item_idx)
             + _masked_mean(self.categories, tf.gather(self.category_table, item_idx))
             + _masked_mean(self.tokens, tf.gather(self.token_table, item_idx))
         )

@@ -166,3 +166,22 @@ def test_retrieve_asks_for_at_most_the_catalogue():
 
     assert top.tolist() == [[2, 3, 1], [2, 3, 1]]
     assert scores.tolist() == [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
+
+
+def test_list_metrics_match_hand_computed_values():
+    from types import SimpleNamespace
+
+    from tasks.evaluate import list_metrics
+
+    # Items 1..4 (0 = padding). Fit events: item 1 x3, item 2 x1. Categories: 1 {a, b}, 2 {a}, 3 {c}, 4 none.
+    features = SimpleNamespace(
+        item_popularity=np.array([0.0, 3.0, 1.0, 0.0, 0.0]),
+        item_categories=np.array([[0, 0], [1, 2], [1, 0], [3, 0], [0, 0]]),
+    )
+    metrics = list_metrics(recs_table({1: [1, 2], 2: [3, 4]}), features, k=2)
+    # diversity: user 1: 1 - 1/sqrt(2*1); user 2: 1 - 0 (item 4 shares nothing).
+    assert metrics["diversity"] == pytest.approx(((1 - 1 / np.sqrt(2)) + 1.0) / 2)
+    # novelty: smoothed shares (p + 1) / (4 + 4) = 1/2, 1/4, 1/8, 1/8 -> 1, 2, 3, 3 bits.
+    assert metrics["novelty"] == pytest.approx(((1 + 2) / 2 + (3 + 3) / 2) / 2)
+    # popularity percentiles (ties by index): item 1 -> 1.0, item 2 -> 0.75, item 3 -> 0.25, item 4 -> 0.5.
+    assert metrics["popularity_bias"] == pytest.approx(((1.0 + 0.75) / 2 + (0.25 + 0.5) / 2) / 2)

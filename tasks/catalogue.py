@@ -1,0 +1,108 @@
+"""The tables beside the recommendations: fallback lists and similar items.
+
+Last stage of the nightly DAG, after the recommendations are published. `fallback/` is
+what to serve a user the run does not know (a new visitor, a user who arrived after the
+run): the items most popular lately, overall and within each category, for when the app
+knows nothing or only which category the user is browsing. `similar_items/` is "more like
+this": each item's nearest items by the scoring model's candidate tower, whose content
+features place an item that nobody has interacted with yet next to items like it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from prefect import task
+
+from schemas.tables import FALLBACK, SIMILAR_ITEMS, ChampionDecision, FeatureSet, Snapshot
+from tasks.features import Features, load_features
+from tasks.retrieval import RetrievalBundle, retrieve
+from tasks.score import index_map
+from tasks.workspace import partition, publish_dir, temp_dir, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def publish_catalogue(
+    snapshot: Snapshot, feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date,
+    k: int, neighbours: int, half_life_days: float,
+) -> dict[str, int]:
+    """Write fallback/ and similar_items/ for `run_date`, each partition whole or not at
+    all; return their row counts."""
+    similar = similar_items(decision.models_path, load_features(feature_set.path), neighbours)
+    tables = {
+        "fallback": (fallback_lists(snapshot, run_date, k, half_life_days), FALLBACK),
+        "similar_items": (similar.with_columns(pl.lit(decision.model_version).alias("model_version"),
+                                               pl.lit(decision.mlflow_run_id).alias("mlflow_run_id")), SIMILAR_ITEMS),
+    }
+    rows = {}
+    for name, (table, schema) in tables.items():
+        staged = temp_dir(workspace, name)
+        write_parquet(table.with_columns(pl.lit(run_date).alias("run_date")).select(schema.names()).cast(dict(schema)),
+                      staged / "part-00000.parquet")
+        publish_dir(staged, partition(workspace, name, run_date))
+        rows[f"{name}_rows"] = table.height
+    log.info("published fallback (%d rows) and similar_items (%d rows)", rows["fallback_rows"], rows["similar_items_rows"])
+    return rows
+
+
+def fallback_lists(snapshot: Snapshot, run_date: dt.date, k: int, half_life_days: float) -> pl.DataFrame:
+    """The `k` items with the most recent popularity, overall (category null) and per
+    category. An event counts 1 at the end of the run date and half as much every
+    `half_life_days` before it."""
+    end = dt.datetime.combine(run_date + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()
+    age_days = (pl.lit(end) - pl.col("timestamp")) / 86_400
+    scores = (
+        pl.read_parquet(snapshot.interactions, columns=["item_id", "timestamp"])
+        .group_by("item_id")
+        .agg((0.5 ** (age_days / half_life_days)).sum().alias("score"))
+    )
+    overall = scores.with_columns(pl.lit(None, pl.String).alias("category"))
+    lists = [overall]
+    if snapshot.has_items:
+        categories = pl.read_parquet(snapshot.items, columns=["item_id", "categories"]).explode("categories")
+        lists.append(scores.join(categories.drop_nulls("categories").rename({"categories": "category"}), on="item_id"))
+    rank = pl.col("score").rank("ordinal", descending=True).over("category")
+    return (
+        pl.concat(lists, how="diagonal_relaxed")
+        .sort("category", "score", "item_id", descending=[False, True, False], nulls_last=False)
+        .with_columns(rank.cast(pl.Int32).alias("rank"))
+        .filter(pl.col("rank") <= k)
+        .sort("category", "rank", nulls_last=False)
+        .select("category", "rank", "item_id", "score")
+    )
+
+
+def similar_items(models: Path, features: Features, k: int) -> pl.DataFrame:
+    """Each item of tonight's catalogue that the models know, with its `k` nearest such
+    items by cosine similarity of the candidate tower's embeddings."""
+    model_idx = index_map(features.items, pl.read_parquet(models / "vocab" / "items.parquet"), "item_id", "item_idx")
+    known = np.flatnonzero(model_idx[1:] > 0)
+    embeddings = RetrievalBundle.load(models / "retrieval").item_embeddings[model_idx[1:][known]]
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    rows = np.arange(known.size)
+    top, scores = retrieve(unit, np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit]), (rows, rows + 1), k)
+    ids = features.items["item_id"].to_numpy()[known]
+    width = top.shape[1]
+    table = pl.DataFrame(
+        {
+            "item_id": np.repeat(ids, width),
+            "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), known.size),
+            "similar_item_id": np.concatenate([[None], ids]).astype(object)[top.ravel()],
+            "score": scores.ravel(),
+        },
+        schema_overrides={"item_id": pl.String, "similar_item_id": pl.String},
+    )
+    return table.filter(pl.col("score").is_finite())
+
+
+@task(name="catalogue")
+def catalogue_task(
+    snapshot: Snapshot, feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date,
+    k: int, neighbours: int, half_life_days: float,
+) -> dict[str, int]:
+    return publish_catalogue(snapshot, feature_set, decision, workspace, run_date, k, neighbours, half_life_days)

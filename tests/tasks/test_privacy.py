@@ -1,0 +1,84 @@
+"""Opt-outs, pseudonyms and retention, on plain tables and directories."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pytest
+
+from schemas.config import PrivacyConfig
+from tasks.privacy import deleted_users, forget, protect, prune, pseudonym, read_key
+from tasks.workspace import RecflowError
+
+EVENTS = pl.DataFrame({"user_id": ["ann", "bob", "ann", "", None, "cy"], "item_id": list("abcdef")})
+
+
+def test_deleted_users_lose_every_event_and_others_keep_theirs():
+    kept = protect(EVENTS, pl.Series(["ann", "nobody"]), key=None)
+    assert kept["user_id"].to_list() == ["bob", "", None, "cy"]
+    assert kept["item_id"].to_list() == ["b", "d", "e", "f"]
+
+
+def test_pseudonyms_are_keyed_stable_and_leave_empty_ids_for_validation():
+    key, other = b"k" * 32, b"o" * 32
+    hidden = protect(EVENTS, pl.Series([], dtype=pl.String), key)
+    assert hidden["user_id"].to_list() == [pseudonym("ann", key), pseudonym("bob", key), pseudonym("ann", key), "", None,
+                                           pseudonym("cy", key)]
+    assert pseudonym("ann", key) == pseudonym("ann", key) != pseudonym("ann", other)
+    assert not any("ann" in value or "bob" in value for value in hidden["user_id"].drop_nulls())
+
+
+def test_the_key_must_live_outside_the_workspace_and_be_long_enough(tmp_path):
+    workspace = tmp_path / "workspace"
+    inside = workspace / "key"
+    inside.parent.mkdir()
+    inside.write_bytes(b"x" * 32)
+    with pytest.raises(RecflowError, match="inside the workspace"):
+        read_key(PrivacyConfig(key_file=str(inside)), workspace)
+    short = tmp_path / "short"
+    short.write_bytes(b"abc")
+    with pytest.raises(RecflowError, match="at least 16 bytes"):
+        read_key(PrivacyConfig(key_file=str(short)), workspace)
+    with pytest.raises(RecflowError, match="missing"):
+        read_key(PrivacyConfig(key_file=str(tmp_path / "missing")), workspace)
+
+
+def test_the_deletion_list_is_read_as_strings_and_needs_a_user_id_column(tmp_path):
+    listed = tmp_path / "deleted.csv"
+    listed.write_text("user_id\n007\n42\n007\n")
+    assert deleted_users(PrivacyConfig(deleted_users=str(listed))).to_list() == ["007", "42"]
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id\n1\n")
+    with pytest.raises(RecflowError, match="no user_id column"):
+        deleted_users(PrivacyConfig(deleted_users=str(wrong)))
+
+
+def test_retention_prunes_partitions_more_than_the_window_before_the_run_date(tmp_path):
+    for table, day in [("recommendations", "2026-01-01"), ("recommendations", "2026-02-20"), ("snapshots", "2026-01-29"), ("quarantine", "2026-01-30"),
+                       ("features", "2026-03-01"), ("fallback", "2025-12-31")]:
+        (tmp_path / table / f"run_date={day}").mkdir(parents=True)
+    pruned = prune(tmp_path, dt.date(2026, 3, 1), days=30)
+    assert sorted(pruned) == ["fallback/run_date=2025-12-31", "recommendations/run_date=2026-01-01",
+                              "snapshots/run_date=2026-01-29"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/run_date=*")) == [
+        "features/run_date=2026-03-01", "quarantine/run_date=2026-01-30", "recommendations/run_date=2026-02-20"]
+    assert prune(tmp_path, dt.date(2030, 1, 1), days=None) == []
+
+
+def test_forget_removes_listed_users_from_earlier_partitions_once(tmp_path):
+    part = tmp_path / "recommendations" / "run_date=2026-01-01" / "part-00000.parquet"
+    features = tmp_path / "features" / "run_date=2026-01-01" / "users.parquet"
+    model = tmp_path / "models" / "abc" / "vocab" / "users.parquet"
+    kept_model = tmp_path / "models" / "tonight" / "vocab" / "users.parquet"
+    for path in (part, features, model, kept_model):
+        path.parent.mkdir(parents=True)
+        EVENTS.write_parquet(path)
+    listed = tmp_path.parent / f"{tmp_path.name}-deleted.csv"
+    listed.write_text("user_id\nann\n")
+    cfg = PrivacyConfig(deleted_users=str(listed))
+    assert forget(tmp_path, cfg, keep=kept_model.parents[1]) == {"rewritten": 1, "removed": 2}
+    assert "ann" not in pl.read_parquet(part)["user_id"].to_list()
+    assert pl.read_parquet(part).height == EVENTS.height - 2
+    assert not features.exists() and not model.exists() and kept_model.exists()
+    assert forget(tmp_path, cfg, keep=kept_model.parents[1]) == {"rewritten": 0, "removed": 0}  # applied already

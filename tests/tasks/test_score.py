@@ -1,0 +1,36 @@
+"""The final list: diversity re-ranking (maximal marginal relevance) and explanations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.score import diversify, explain
+
+
+def test_diversity_trades_relevance_for_a_new_category_and_keeps_scores_non_increasing():
+    relevance = np.array([[3.0, 2.9, 1.0, -np.inf]])  # the last slot holds no candidate
+    categories = np.array([[[1, 0], [1, 0], [2, 0], [0, 0]]])  # 0 and 1 share category 1; 2 has its own
+    picks, values = diversify(relevance, categories, k=4, weight=0.5)
+    # rescaled relevance 1, 0.95, 0: after item 0, item 1 (same category) loses to item 2.
+    assert picks[0, :3].tolist() == [0, 2, 1]
+    assert values[0, :3] == pytest.approx([0.5, 0.0, 0.5 * 0.95 - 0.5 * 1.0])
+    assert values[0, 3] == -np.inf  # no fourth candidate
+    assert np.all(np.diff(values[0, :3]) <= 0)
+
+
+def test_without_diversity_weight_the_list_follows_relevance():
+    relevance = np.array([[0.1, 0.7, 0.4], [5.0, 1.0, 3.0]])
+    categories = np.ones((2, 3, 1), dtype=int)
+    picks, _ = diversify(relevance, categories, k=3, weight=0.0)
+    assert picks.tolist() == [[1, 2, 0], [0, 2, 1]]
+
+
+def test_each_recommendation_is_explained_by_the_most_similar_item_of_the_history():
+    unit = np.array([[0, 0], [1, 0], [0, 1], [0.6, 0.8], [-1, 0]], dtype=np.float32)  # row 0: padding
+    top = np.array([[3, 4], [1, 2]])
+    history = np.array([[1, 2, 0], [0, 0, 0]])  # the second user has no known history
+    because, similarity = explain(unit, top, history)
+    assert because[0].tolist() == [2, 2]  # item 3: 0.8 to item 2 against 0.6 to item 1; item 4: 0 against -1
+    assert similarity[0] == pytest.approx([0.8, 0.0])
+    assert because[1].tolist() == [0, 0] and np.isnan(similarity[1]).all()
