@@ -107,18 +107,17 @@ def recommend(
                     "retrieval_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
                     "because_item_id": item_ids[because.ravel()],
                     "because_title": titles[because.ravel()],
-                    "similarity": closeness.ravel(),
+                    "similarity": np.char.mod("%.2f", closeness.ravel()),
                 },
                 schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
             )
         )
     recs = pl.concat(frames) if frames else pl.DataFrame(schema=RECS_SCHEMA | {"because_title": pl.String,
-                                                                              "similarity": pl.Float32})
+                                                                              "similarity": pl.String})
     reason = (
         pl.when(pl.col("because_item_id").is_null())
         .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
-        .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title",
-                             pl.col("similarity").round(2)))
+        .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title", "similarity"))
     )
     return recs.filter(pl.col("score").is_finite()).with_columns(reason.alias("reason")).select(RECS_SCHEMA.keys())
 

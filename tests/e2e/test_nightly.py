@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,9 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     for metric in ("ndcg_at_10", "recall_at_10", "map_at_10", "hitrate_at_10", "mrr_at_10", "coverage_at_10",
-                   "retrieval_ndcg_at_10", "popularity_ndcg_at_10", "time_train_retrieval_s", "output_rows"):
+                   "diversity_at_10", "novelty_at_10", "popularity_bias_at_10", "popularity_novelty_at_10",
+                   "retrieval_ndcg_at_10", "popularity_ndcg_at_10", "time_train_retrieval_s", "output_rows",
+                   "fallback_rows", "similar_items_rows"):
         assert metric in run.data.metrics, metric
     assert run.data.params["retrieval.embedding_dim"] == "64"
     assert run.data.tags["run_date"] == RUN_DATE.isoformat()
@@ -76,6 +79,53 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert set(table["model_version"]) == {str(champion.version)}
     assert (workspace / "models" / run.data.tags["model_key"] / "retrieval" / "saved_model.pb").exists()
+
+
+def test_every_recommendation_is_explained_by_the_most_similar_item_of_the_users_recent_history(nightly_run):
+    import numpy as np
+
+    from tasks.features import load_features, user_histories
+    from tasks.retrieval import RetrievalBundle
+
+    workspace, summary = nightly_run
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    assert table["because_item_id"].null_count() == 0 and table["reason"].str.starts_with("similar to ").all()
+    features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
+    models = next((workspace / "models").glob("*/retrieval")).parent  # the run's (only) models: same vocabulary
+    bundle = RetrievalBundle.load(models / "retrieval")
+    unit = bundle.item_embeddings / np.maximum(np.linalg.norm(bundle.item_embeddings, axis=1, keepdims=True), 1e-12)
+    recent = user_histories(features.events, features.n_users, bundle.history_length)
+    item_idx = dict(zip(features.items["item_id"], features.items["item_idx"]))
+    titles = dict(zip(features.items["item_id"], features.items["title"]))
+    seen = pl.read_parquet(workspace / "snapshots" / f"run_date={RUN_DATE}" / "interactions.parquet")
+    sample = table.join(features.users.select("user_id", "user_idx"), on="user_id").filter(pl.col("user_idx") <= 40)
+    assert sample.height == 40 * 10
+    for user_id, user_idx, item_id, because, reason in sample.select(
+        "user_id", "user_idx", "item_id", "because_item_id", "reason"
+    ).iter_rows():
+        history = recent[user_idx][recent[user_idx] > 0]
+        closeness = unit[history] @ unit[item_idx[item_id]]
+        assert item_idx[because] == history[np.argmax(closeness)]  # the strongest by the stated measure
+        assert f'"{titles[because]}"' in reason
+        assert float(re.search(r"similarity (-?[0-9.]+)\)", reason).group(1)) == pytest.approx(closeness.max(), abs=0.006)
+    assert sample.join(seen, left_on=["user_id", "because_item_id"], right_on=["user_id", "item_id"],
+                       how="anti").is_empty()  # every explaining item is in the user's history
+
+
+def test_fallback_lists_and_similar_items_are_published_with_every_run(nightly_run):
+    from schemas.tables import FALLBACK, SIMILAR_ITEMS
+
+    workspace, summary = nightly_run
+    fallback = pl.read_parquet(workspace / "fallback" / f"run_date={RUN_DATE}" / "*.parquet")
+    assert fallback.schema == FALLBACK
+    overall = fallback.filter(pl.col("category").is_null())
+    assert overall["rank"].to_list() == list(range(1, 11)) and (overall["score"].diff().drop_nulls() <= 0).all()
+    assert fallback["category"].n_unique() == SMALL.n_categories + 1  # every category and the overall list
+    similar = pl.read_parquet(workspace / "similar_items" / f"run_date={RUN_DATE}" / "*.parquet")
+    assert similar.schema == SIMILAR_ITEMS
+    assert similar["item_id"].n_unique() == SMALL.n_items and (similar.group_by("item_id").len()["len"] == 10).all()
+    assert similar.filter(pl.col("item_id") == pl.col("similar_item_id")).is_empty()
+    assert set(similar["mlflow_run_id"]) == {summary["mlflow_run_id"]}
 
 
 def test_retrieval_and_ranking_beat_popularity_on_planted_structure(nightly_run):
@@ -266,3 +316,21 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     run = MlflowClient(tracking_uri=uri).get_run(warm["mlflow_run_id"])
     assert run.data.tags["warm_start_from"] == champion.name
+
+
+def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_models(nightly_run):
+    from mlflow.tracking import MlflowClient
+
+    from flows.nightly import nightly
+
+    workspace, first = nightly_run
+    day = RUN_DATE + dt.timedelta(days=4)
+    plain, diverse = (nightly(small_config(workspace, run_date=day, diversity=weight)) for weight in (0.0, 0.6))
+    assert {"train_retrieval", "train_ranking"} <= set(diverse["reused_stages"])  # only the lists change
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    before, after = (client.get_run(s["mlflow_run_id"]).data.metrics for s in (plain, diverse))
+    assert after["diversity_at_10"] > before["diversity_at_10"]
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={day}" / "*.parquet")
+    assert (table.group_by("user_id").agg((pl.col("score").sort_by("rank").diff().drop_nulls() <= 0).all())["score"]).all()
+    assert table.group_by("user_id").len()["len"].unique().to_list() == [10]
