@@ -115,8 +115,6 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
             )
             catalogue = timed("catalogue", catalogue_task, snapshot, feature_set, decision, workspace, run_date,
                               config.top_k, config.similar_items, config.popularity_half_life_days)
-            forgotten = privacy.forget(workspace, config.privacy, keep=decision.models_path)
-            pruned = privacy.prune(workspace, run_date, config.privacy.retention_days)
             timings["time_total_s"] = round(time.perf_counter() - started, 2)
             log_run_data(
                 workspace,
@@ -127,8 +125,6 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                 | {f"ranking_{k}": v for k, v in models.ranking.metrics.items()}
                 | {"retrieval_epochs": models.retrieval.epochs, "stages_reused": len(reused)}
                 | {"output_rows": published.rows, "output_users": published.users} | catalogue
-                | {"privacy_files_rewritten": forgotten["rewritten"], "privacy_dirs_removed": forgotten["removed"],
-                   "retention_partitions_pruned": len(pruned)}
                 | {"data_interactions": snapshot.n_interactions, "data_users": snapshot.n_users, "data_items": snapshot.n_items}
                 | {f"data_{split}_events": size for split, size in feature_set.split_sizes.items()},
                 {"validation": snapshot.path / "validation"},
@@ -139,11 +135,15 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
             end_run(workspace, run_id, failed=True)
             raise
         end_run(workspace, run_id)
+        # Only a run that succeeded removes anything: opted-out users from earlier runs' files, then old partitions.
+        forgotten = privacy.forget(workspace, config.privacy, keep=decision.models_path)
+        pruned = privacy.prune(workspace, run_date, config.privacy.retention_days)
         link = run_link(workspace, run_id)
         summary = {
             "run_date": run_date.isoformat(),
             "mlflow_run_id": run_id,
             "mlflow_run": link,
+            "model_key": models_key,
             "champion": decision.reason,
             "promoted": decision.promoted,
             "model_version": decision.model_version,
@@ -151,6 +151,9 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
             "rows": published.rows,
             "users": published.users,
             "reused_stages": reused,
+            "privacy_partitions_rewritten": forgotten["rewritten"],
+            "privacy_directories_removed": forgotten["removed"],
+            "retention_partitions_pruned": len(pruned),
             **{k: round(v, 4) for k, v in decision.metrics.items() if "ndcg" in k or "recall" in k},
             **timings,
         }
@@ -185,6 +188,7 @@ def _train(config: PipelineConfig, feature_set: FeatureSet, workspace, key: str,
         "train_ranking", train_ranking_task, feature_set, retrieval.path, staging / "ranking",
         config.ranking, config.retrieval, config.seed,
     )
+    privacy.record(staging / "vocab", config.privacy, workspace)
     target = workspace / "models" / key
     models = ModelSet(
         path=target, key=key,

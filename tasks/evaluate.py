@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from mlflow.entities import Metric, Param, RunTag
+from scipy.stats import rankdata
 from prefect import task
 
 from schemas.tables import ChampionDecision, FeatureSet, ModelSet
@@ -73,18 +74,18 @@ def ranking_metrics(recs: pl.DataFrame, truth: pl.DataFrame, k: int, n_items: in
 
 def list_metrics(recs: pl.DataFrame, features: Features, k: int) -> dict[str, float]:
     """Beyond accuracy, averaged over users with a list: intra-list `diversity` (mean
-    1 - cosine of the category sets of each pair of items in a top-`k` list), `novelty`
-    (mean self-information -log2 p of the items, p their smoothed share of `fit` events)
-    and `popularity_bias` (mean popularity percentile of the items: 1 = the most popular,
-    about 0.5 for lists drawn at random). `recs` has columns user, item (tonight's
+    1 - cosine of the category sets of each pair of items in a top-`k` list, pairs with
+    an uncategorised item left out), `novelty` (mean self-information -log2 p of the
+    items, p their smoothed share of `fit` events) and `popularity_bias` (mean popularity
+    percentile of the items, ties sharing their average rank: 1 = the most popular, about
+    0.5 for lists drawn at random). `recs` has columns user, item (tonight's
     item_idx; unknown items < 1 are skipped), rank."""
     top = recs.filter((pl.col("rank") <= k) & (pl.col("item") > 0)).sort("user", "rank")
     if top.is_empty():
         return {"diversity": 0.0, "novelty": 0.0, "popularity_bias": 0.0}
     popularity = features.item_popularity[1:]
     share = np.concatenate([[1.0], (popularity + 1) / (popularity.sum() + popularity.size)])
-    percentile = np.concatenate([[0.0], (np.argsort(np.argsort(popularity, kind="stable"), kind="stable") + 1)
-                                 / popularity.size])
+    percentile = np.concatenate([[0.0], rankdata(popularity, method="average") / popularity.size])
     per_user = top.with_columns(
         pl.Series("information", -np.log2(share[top["item"].to_numpy()])),
         pl.Series("percentile", percentile[top["item"].to_numpy()]),
@@ -98,8 +99,9 @@ def list_metrics(recs: pl.DataFrame, features: Features, k: int) -> dict[str, fl
 
 
 def _intra_list_diversity(categories: np.ndarray, present: np.ndarray, block: int = 4096) -> float:
-    """Mean over lists with two or more items of their mean pairwise category dissimilarity;
-    `categories` (lists, k, C) holds category indices, 0 = none."""
+    """Mean over lists with two or more categorised items of their mean pairwise category
+    dissimilarity (0 when no list has two); `categories` (lists, k, C) holds category
+    indices, 0 = none."""
     k = present.shape[1]
     totals = []
     for start in range(0, present.shape[0], block):
@@ -107,6 +109,7 @@ def _intra_list_diversity(categories: np.ndarray, present: np.ndarray, block: in
         sizes = (cats > 0).sum(-1)
         shared = ((cats[:, :, None, :, None] == cats[:, None, :, None, :]) & (cats[:, :, None, :, None] > 0)).sum((3, 4))
         cosine = shared / np.sqrt(np.maximum(sizes[:, :, None] * sizes[:, None, :], 1))
+        real = real & (sizes > 0)
         pairs = real[:, :, None] & real[:, None, :] & ~np.eye(k, dtype=bool)
         counted = pairs.sum((1, 2)) > 0
         totals.append(((1 - cosine) * pairs).sum((1, 2))[counted] / pairs.sum((1, 2))[counted])

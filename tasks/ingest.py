@@ -68,7 +68,9 @@ def ingest(
         origin = {table: str(path) for table, path in source_files(directory).items()}
     interactions = up_to(interactions, run_date)
     privacy = privacy or PrivacyConfig()
-    deleted, key = deleted_users(privacy), read_key(privacy, workspace)
+    deleted, key = deleted_users(privacy, workspace), read_key(privacy, workspace)
+    if key and users is not None:  # other user columns may identify a person (email, name): not kept
+        users = users.select("user_id")
     before = interactions.height
     interactions, users = protect(interactions, deleted, key), protect(users, deleted, key)
     if deleted.len():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -19,13 +20,14 @@ from pathlib import Path
 import polars as pl
 
 from schemas.config import PrivacyConfig
-from tasks.workspace import RecflowError, stage_key, temp_dir, write_json, write_parquet
+from tasks.workspace import STAGE_RECORD, RecflowError, publish_dir, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 DATED_TABLES = ("snapshots", "quarantine", "features", "recommendations", "fallback", "similar_items")
 REWRITTEN = ("snapshots", "quarantine", "recommendations")  # user rows filtered out in place; other tables removed
 FORGOTTEN = ".forgotten.json"  # which deletion list `forget` last applied to the workspace
+RECORD = "privacy.json"  # beside a model's vocabulary: the privacy settings of its training data
 
 
 
@@ -40,8 +42,9 @@ def protect(frame: pl.DataFrame | None, deleted: pl.Series, key: bytes | None) -
 
 def pseudonymise(frame: pl.DataFrame, key: bytes) -> pl.DataFrame:
     """Replace `frame`'s user ids by their keyed hashes (each distinct id hashed once)."""
-    ids = frame["user_id"].drop_nulls().unique()
-    mapping = pl.DataFrame({"user_id": ids, "pseudonym": [pseudonym(value, key) for value in ids.to_list()]})
+    ids = frame["user_id"].drop_nulls().unique().to_list()
+    mapping = pl.DataFrame({"user_id": ids, "pseudonym": [pseudonym(value, key) for value in ids]},
+                           schema={"user_id": pl.String, "pseudonym": pl.String})
     return (
         frame.join(mapping, on="user_id", how="left", maintain_order="left")
         .with_columns(pl.col("pseudonym").alias("user_id"))
@@ -60,11 +63,7 @@ def read_key(cfg: PrivacyConfig, workspace: Path) -> bytes | None:
     """The pseudonymisation key from `cfg.key_file`, which must lie outside the workspace."""
     if cfg.key_file is None:
         return None
-    path = Path(cfg.key_file).expanduser().resolve()
-    if path.is_relative_to(workspace):
-        raise RecflowError(f"privacy.key_file {path} lies inside the workspace {workspace}; keep the key elsewhere, "
-                           "so nothing the pipeline writes holds what reverses the pseudonyms")
-    return load_key(path)
+    return load_key(_outside(cfg.key_file, "key_file", workspace))
 
 
 def load_key(path: Path) -> bytes:
@@ -77,12 +76,13 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-def deleted_users(cfg: PrivacyConfig) -> pl.Series:
-    """The user ids on the deletion list (`cfg.deleted_users`), as strings."""
+def deleted_users(cfg: PrivacyConfig, workspace: Path) -> pl.Series:
+    """The user ids on the deletion list (`cfg.deleted_users`, outside the workspace), as
+    strings, matched exactly."""
     empty = pl.Series("user_id", [], pl.String)
     if cfg.deleted_users is None:
         return empty
-    path = Path(cfg.deleted_users).expanduser()
+    path = _outside(cfg.deleted_users, "deleted_users", workspace)
     try:
         if path.suffix == ".parquet":
             table = pl.read_parquet(path)
@@ -92,15 +92,32 @@ def deleted_users(cfg: PrivacyConfig) -> pl.Series:
         raise RecflowError(f"privacy.deleted_users {path}: cannot read it ({error})") from None
     if "user_id" not in table.columns:
         raise RecflowError(f"privacy.deleted_users {path}: no user_id column (found: {', '.join(table.columns)})")
-    return table["user_id"].cast(pl.String).drop_nulls().str.strip_chars().unique().sort()
+    return table["user_id"].cast(pl.String).drop_nulls().unique().sort()
 
 
-def fingerprint(cfg: PrivacyConfig, workspace: Path) -> str:
-    """What ingestion's output depends on here: the deletion list's content and the key
-    (through a keyed hash of a constant, so the key itself never enters a cache key)."""
+def _outside(value: str, field: str, workspace: Path) -> Path:
+    path = Path(value).expanduser().resolve()
+    if path.is_relative_to(workspace):
+        raise RecflowError(f"privacy.{field} {path} lies inside the workspace {workspace}; keep it elsewhere: "
+                           "the workspace must hold nothing that names or re-identifies a user")
+    return path
+
+
+def fingerprint(cfg: PrivacyConfig, workspace: Path) -> dict[str, str | None]:
+    """What the privacy settings change in a run's data: which key (a keyed hash of a
+    constant, never the key) and which deletion list (hashed with the key when there is
+    one). Part of ingestion's cache key, and recorded beside every trained model."""
     key = read_key(cfg, workspace)
-    key_id = hmac.new(key, b"recflow key id", hashlib.sha256).hexdigest()[:12] if key else None
-    return stage_key(deleted_users(cfg).to_list(), key_id)
+    listed = json.dumps(deleted_users(cfg, workspace).to_list()).encode()
+    if key is None:
+        return {"key": None, "deletion_list": hashlib.sha256(listed).hexdigest()[:16]}
+    return {"key": hmac.new(key, b"recflow key id", hashlib.sha256).hexdigest()[:12],
+            "deletion_list": hmac.new(key, listed, hashlib.sha256).hexdigest()[:16]}
+
+
+def record(vocab: Path, cfg: PrivacyConfig, workspace: Path) -> None:
+    """Note beside a model's vocabulary which privacy settings its training data had."""
+    write_json(fingerprint(cfg, workspace), vocab / RECORD)
 
 
 def served(user_ids: pl.Series, cfg: PrivacyConfig, workspace: Path) -> pl.Series:
@@ -117,41 +134,86 @@ def served_id(user_id: str, key_file: Path | None) -> str:
 
 
 def remembers(models: Path, cfg: PrivacyConfig, workspace: Path) -> bool:
-    """Whether the models in `models` were trained with a user now on the deletion list."""
-    vocabulary = models / "vocab" / "users.parquet"
-    deleted = served(deleted_users(cfg), cfg, workspace)
-    if deleted.is_empty() or not vocabulary.exists():
+    """Whether the models in `models` may have learned from a user now on the deletion list.
+
+    Certain when their user vocabulary is at hand; when it is not (models restored from
+    MLflow, which never holds user ids) or holds other pseudonyms (another key), any
+    change of list since their training counts as yes.
+    """
+    deleted = served(deleted_users(cfg, workspace), cfg, workspace)
+    if deleted.is_empty():
         return False
-    return not pl.read_parquet(vocabulary, columns=["user_id"]).filter(pl.col("user_id").is_in(deleted.implode())).is_empty()
+    tonight = fingerprint(cfg, workspace)
+    try:
+        trained = json.loads((models / "vocab" / RECORD).read_text())
+    except (OSError, ValueError):
+        trained = {"key": None, "deletion_list": None}  # models from before privacy settings existed
+    if trained.get("key") != tonight["key"]:
+        return True
+    if trained.get("deletion_list") == tonight["deletion_list"]:
+        return False
+    vocabulary = models / "vocab" / "users.parquet"
+    if not vocabulary.exists():
+        return True
+    return _holds(vocabulary, deleted)
 
 
 def forget(workspace: Path, cfg: PrivacyConfig, keep: Path) -> dict[str, int]:
-    """Remove users on the deletion list from what earlier runs left in the workspace:
-    their rows from published snapshot, quarantine and recommendation files (rewritten
-    atomically), and whole feature partitions and model directories that hold them (both
-    are rebuilt from snapshots). `keep` (the models that scored tonight) stays. Runs once
-    per deletion list. Returns counts of rewritten files and removed directories."""
-    deleted = served(deleted_users(cfg), cfg, workspace)
+    """Remove users on the deletion list from what earlier runs left in the workspace.
+
+    Snapshot, quarantine and recommendation partitions that hold them are rebuilt without
+    their rows in .tmp/ and swapped in whole (with their row counts updated); feature
+    partitions and model directories that hold them are removed (they are rebuilt from
+    snapshots). `keep` (the models that scored tonight) stays. Runs once per deletion
+    list. Returns counts of rebuilt partitions and removed directories.
+    """
+    deleted = served(deleted_users(cfg, workspace), cfg, workspace)
     marker = workspace / FORGOTTEN
-    applied = stage_key(deleted.to_list())
+    applied = fingerprint(cfg, workspace)["deletion_list"]
     if deleted.is_empty() or (marker.exists() and applied in marker.read_text()):
         return {"rewritten": 0, "removed": 0}
-    listed = pl.col("user_id").is_in(deleted.implode())
     rewritten = removed = 0
     for table in REWRITTEN:
-        for file in sorted((workspace / table).glob("run_date=*/*.parquet")):
-            if "user_id" in pl.read_parquet_schema(file) and pl.scan_parquet(file).filter(listed).head(1).collect().height:
-                write_parquet(pl.read_parquet(file).filter(~listed.fill_null(False)), file)
+        for directory in sorted((workspace / table).glob("run_date=*")):
+            files = [f for f in sorted(directory.glob("*.parquet")) if "user_id" in pl.read_parquet_schema(f)]
+            if any(_holds(f, deleted) for f in files):
+                _rebuild_without(directory, files, deleted, workspace)
                 rewritten += 1
     holders = {path.parent: path for path in (workspace / "features").glob("run_date=*/users.parquet")}
     holders |= {path.parent.parent: path for path in (workspace / "models").glob("*/vocab/users.parquet")}
     for directory, users in holders.items():
-        if directory != keep and pl.scan_parquet(users).filter(listed).head(1).collect().height:
+        if directory != keep and _holds(users, deleted):
             _remove(directory, workspace)
             removed += 1
     write_json({"deletion_list": applied}, marker)
-    log.info("privacy: removed opted-out users from %d earlier file(s) and %d derived director(ies)", rewritten, removed)
+    log.info("privacy: removed opted-out users from %d earlier partition(s) and %d derived director(ies)",
+             rewritten, removed)
     return {"rewritten": rewritten, "removed": removed}
+
+
+def _holds(path: Path, user_ids: pl.Series) -> bool:
+    return pl.scan_parquet(path).filter(pl.col("user_id").is_in(user_ids.implode())).head(1).collect().height > 0
+
+
+def _rebuild_without(directory: Path, files: list[Path], user_ids: pl.Series, workspace: Path) -> None:
+    """Publish `directory` again without the rows of `user_ids` in `files`, with the row
+    and user counts of its stage record and manifest brought up to date."""
+    staged = temp_dir(workspace, "forget")
+    shutil.rmtree(staged)
+    shutil.copytree(directory, staged)
+    for file in files:
+        write_parquet(pl.read_parquet(file).filter(~pl.col("user_id").is_in(user_ids.implode()).fill_null(False)),
+                      staged / file.name)
+    table = pl.read_parquet(staged / ("interactions.parquet" if directory.parent.name == "snapshots" else "*.parquet"))
+    counts = {"n_interactions": table.height, "rows": table.height, "n_users": table["user_id"].n_unique(),
+              "users": table["user_id"].n_unique()}
+    for name, nested in ((STAGE_RECORD, "record"), ("_manifest.json", None)):
+        if (staged / name).exists():
+            payload = json.loads((staged / name).read_text())
+            target = payload[nested] if nested else payload
+            target.update({k: v for k, v in counts.items() if k in target})
+            write_json(payload, staged / name)
+    publish_dir(staged, directory)
 
 
 def prune(workspace: Path, run_date: dt.date, days: int | None) -> list[str]:

@@ -129,15 +129,19 @@ def diversify(relevance: np.ndarray, categories: np.ndarray, k: int, weight: flo
 
     `relevance` (users, candidates) is the ranker's score, -inf where there is no candidate;
     it is rescaled to [0, 1] per user. `categories` (users, candidates, C) holds category
-    indices (0 = none); similarity is the cosine of two items' category sets. The
-    objective never increases from one pick to the next, so it serves as the list's score.
+    indices (0 = none); similarity is the cosine of two items' category sets, and items
+    without categories count as one category of their own (else they would always look
+    new). The objective never increases from one pick to the next, so it serves as the
+    list's score.
     """
     users, n = relevance.shape
     real = np.isfinite(relevance)
     low = np.min(relevance, axis=1, where=real, initial=np.inf, keepdims=True)
     high = np.max(relevance, axis=1, where=real, initial=-np.inf, keepdims=True)
     scaled = np.where(real, (relevance - low) / np.where(high > low, high - low, 1.0), -np.inf)
-    sizes = (categories > 0).sum(-1)
+    categories = categories.copy()
+    categories[..., 0] = np.where((categories > 0).any(-1), categories[..., 0], -1)  # -1: "no category"
+    sizes = (categories != 0).sum(-1)
     rows = np.arange(users)
     penalty = np.zeros((users, n))
     picks = np.zeros((users, min(k, n)), dtype=np.int64)
@@ -148,7 +152,7 @@ def diversify(relevance: np.ndarray, categories: np.ndarray, k: int, weight: flo
         picks[:, step], values[:, step] = pick, objective[rows, pick]
         real[rows, pick] = False
         chosen = categories[rows, pick]
-        shared = ((categories[:, :, :, None] == chosen[:, None, None, :]) & (chosen[:, None, None, :] > 0)).sum((2, 3))
+        shared = ((categories[:, :, :, None] == chosen[:, None, None, :]) & (chosen[:, None, None, :] != 0)).sum((2, 3))
         similarity = shared / np.sqrt(np.maximum(sizes * sizes[rows, pick][:, None], 1))
         penalty = np.maximum(penalty, similarity)
     return picks, values

@@ -91,7 +91,7 @@ def test_every_recommendation_is_explained_by_the_most_similar_item_of_the_users
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert table["because_item_id"].null_count() == 0 and table["reason"].str.starts_with("similar to ").all()
     features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
-    models = next((workspace / "models").glob("*/retrieval")).parent  # the run's (only) models: same vocabulary
+    models = workspace / "models" / summary["model_key"]  # the run's own models: tonight's vocabulary
     bundle = RetrievalBundle.load(models / "retrieval")
     unit = bundle.item_embeddings / np.maximum(np.linalg.norm(bundle.item_embeddings, axis=1, keepdims=True), 1e-12)
     recent = user_histories(features.events, features.n_users, bundle.history_length)

@@ -33,7 +33,9 @@ def source(tmp_path_factory) -> Path:
     interactions, items = generate_synthetic(SMALL, RUN_DATE, 42)
     number = pl.col("user_id").str.extract(r"(\d+)").cast(pl.Int32)
     interactions = interactions.with_columns(pl.format("person-{}", number.cast(pl.String).str.zfill(4)).alias("user_id"))
-    interactions.filter(~pl.col("item_id").is_in(COLD)).write_csv(directory / "interactions.csv")
+    # A few duplicate events (within the allowed rate): Great Expectations quotes such rows in its reports.
+    duplicates = pl.concat([interactions.filter(pl.col("user_id") == user).head(3) for user in (DELETED, "person-0001")])
+    pl.concat([interactions, duplicates]).filter(~pl.col("item_id").is_in(COLD)).write_csv(directory / "interactions.csv")
     items.with_columns(pl.col("categories").list.join("|")).write_csv(directory / "items.csv")
     return directory
 
@@ -91,6 +93,8 @@ def test_a_deleted_user_leaves_no_trace_in_outputs_models_mlflow_or_logs(first_r
 
     workspace, _ = first_run
     assert traces(workspace, DELETED)  # the first run knew them
+    report = (workspace / "snapshots" / f"run_date={RUN_DATE}" / "validation" / "interactions.json").read_text()
+    assert '"user#' in report  # GE quotes sample rows, with stand-ins for the user ids
     listed = tmp_path / "deleted.csv"
     listed.write_text(f"user_id\n{DELETED}\n")
     second = run(workspace, source, RUN_DATE + dt.timedelta(days=1), privacy={"deleted_users": str(listed)})

@@ -179,9 +179,9 @@ def test_list_metrics_match_hand_computed_values():
         item_categories=np.array([[0, 0], [1, 2], [1, 0], [3, 0], [0, 0]]),
     )
     metrics = list_metrics(recs_table({1: [1, 2], 2: [3, 4]}), features, k=2)
-    # diversity: user 1: 1 - 1/sqrt(2*1); user 2: 1 - 0 (item 4 shares nothing).
-    assert metrics["diversity"] == pytest.approx(((1 - 1 / np.sqrt(2)) + 1.0) / 2)
+    # diversity: user 1: 1 - 1/sqrt(2*1); user 2's pair involves item 4 (no categories): left out.
+    assert metrics["diversity"] == pytest.approx(1 - 1 / np.sqrt(2))
     # novelty: smoothed shares (p + 1) / (4 + 4) = 1/2, 1/4, 1/8, 1/8 -> 1, 2, 3, 3 bits.
     assert metrics["novelty"] == pytest.approx(((1 + 2) / 2 + (3 + 3) / 2) / 2)
-    # popularity percentiles (ties by index): item 1 -> 1.0, item 2 -> 0.75, item 3 -> 0.25, item 4 -> 0.5.
-    assert metrics["popularity_bias"] == pytest.approx(((1.0 + 0.75) / 2 + (0.25 + 0.5) / 2) / 2)
+    # popularity percentiles, ties at their average rank: item 1 -> 4/4, item 2 -> 3/4, items 3 and 4 -> 1.5/4.
+    assert metrics["popularity_bias"] == pytest.approx(((1.0 + 0.75) / 2 + (0.375 + 0.375) / 2) / 2)

@@ -34,3 +34,10 @@ def test_each_recommendation_is_explained_by_the_most_similar_item_of_the_histor
     assert because[0].tolist() == [2, 2]  # item 3: 0.8 to item 2 against 0.6 to item 1; item 4: 0 against -1
     assert similarity[0] == pytest.approx([0.8, 0.0])
     assert because[1].tolist() == [0, 0] and np.isnan(similarity[1]).all()
+
+
+def test_items_without_categories_count_as_alike_not_as_new():
+    relevance = np.array([[1.0, 0.9, 0.1]])
+    categories = np.array([[[0, 0], [0, 0], [5, 0]]])  # two uncategorised items and one in category 5
+    picks, _ = diversify(relevance, categories, k=3, weight=0.6)
+    assert picks[0].tolist() == [0, 2, 1]  # the second uncategorised item is like the first
