@@ -10,7 +10,7 @@ order and with category popularity (a cold item scored by the mean popularity of
 items in its categories; one list for everyone).
 
 Diversity. DESIGN.md's quality protocol (bench/quality.py's split); the pipeline runs at
-several `diversity` weights in one workspace (the models are trained once and reused) and
+several `lists.diversity` weights in one workspace (the models are trained once and reused) and
 its written top-10 lists are scored for accuracy and for intra-list diversity, novelty
 and popularity bias, with the pipeline's own metric functions.
 
@@ -120,7 +120,7 @@ def diversity_tradeoff(interactions: pl.DataFrame, items: pl.DataFrame, scratch:
     data, workspace = write_source(scratch / "visible", visible, items), scratch / "workspace"
     results = {}
     for weight in WEIGHTS:
-        seconds = pipeline(data, workspace, diversity=weight)
+        seconds = pipeline(data, workspace, lists={"diversity": weight})
         features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
         written = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet").select(
             pl.col("user_id").alias("user"), pl.col("item_id").alias("item"), "rank"

@@ -98,11 +98,11 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
             )
             decision = timed(
                 "evaluate", evaluate_task, feature_set, feature_key, models, run_id, workspace,
-                config.retrieval.candidates, config.diversity, retire,
+                config.retrieval.candidates, config.lists, retire,
             )
             output_key = stage_key(
                 "recommendations", feature_key, decision.models_path.name, decision.model_version, decision.mlflow_run_id,
-                config.top_k, config.retrieval.candidates, config.diversity,
+                config.top_k, config.retrieval.candidates, config.lists,
             )
             manifest = {"run_date": run_date.isoformat(), "mlflow_run_id": run_id, "model_version": decision.model_version}
             published = cached(
@@ -206,7 +206,7 @@ def _score(config: PipelineConfig, feature_set: FeatureSet, decision: ChampionDe
     staged = prepare_task(feature_set, decision, workspace)
     shards = [
         score_shard_task.submit(feature_set, decision, staged, run_date, config.retrieval.candidates, config.top_k,
-                                shard, config.shards, config.diversity)
+                                shard, config.shards, config.lists)
         for shard in range(config.shards)
     ]
     rows = [shard.result() for shard in shards]

@@ -105,6 +105,20 @@ class RankingConfig(_Section):
     id_embeddings: bool = Field(False, description="user and item id embeddings in the ranker (overfit on small data)")
 
 
+class ListConfig(_Section):
+    """How each user's final list is chosen from the ranked candidates."""
+
+    diversity: float = Field(
+        0.0, ge=0, lt=1,
+        description="weight of category diversity in the choice (maximal marginal relevance); 0 = pure relevance",
+    )
+    new_item_slots: int = Field(
+        1, ge=0, le=100,
+        description="the last positions of a list, given to the user's best-retrieved new items (in the catalogue, "
+        "no interactions yet) when the candidates hold any: new items get seen, and so get their first events",
+    )
+
+
 class PrivacyConfig(_Section):
     """Opt-outs, pseudonymisation and retention (README, "Privacy")."""
 
@@ -139,11 +153,6 @@ class PipelineConfig(_Section):
         description="scoring shards (ranges of users), run in parallel on the flow's task runner: threads, or "
         "Dask workers with `recflow run --task-runner dask`; any count gives the same table",
     )
-    diversity: float = Field(
-        0.0, ge=0, lt=1,
-        description="weight of category diversity when the final list is chosen from the ranked candidates "
-        "(maximal marginal relevance); 0 = pure relevance",
-    )
     similar_items: int = Field(10, ge=1, le=1000, description="neighbours per item in similar_items/")
     popularity_half_life_days: float = Field(
         30.0, gt=0, description="how fast an event's weight in the fallback lists' recent popularity halves"
@@ -155,6 +164,7 @@ class PipelineConfig(_Section):
     features: FeatureConfig = FeatureConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     ranking: RankingConfig = RankingConfig()
+    lists: ListConfig = ListConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
     @field_validator("workspace")

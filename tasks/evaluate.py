@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from mlflow.entities import Metric, Param, RunTag
-from scipy.stats import rankdata
 from prefect import task
+from scipy.stats import rankdata
 
+from schemas.config import ListConfig
 from schemas.tables import ChampionDecision, FeatureSet, ModelSet
 from tasks.features import Features, load_features, padded, user_histories
 from tasks.retrieval import RetrievalBundle, as_table, retrieve, rows_of
 from tasks.score import recommend
-from tasks.workspace import RecflowError, code_version, publish_dir, temp_dir, write_json
+from tasks.workspace import RecflowError, code_version, publish_dir, stage_key, temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +129,14 @@ CHAMPION = "champion"
 
 def evaluate(
     feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int,
-    diversity: float = 0.0, retire_champion: bool = False,
+    lists: ListConfig = ListConfig(), retire_champion: bool = False,
 ) -> ChampionDecision:
     """Score tonight's models (and the champion) on the test split; log, register, decide.
 
     With `retire_champion` (it was trained with users now on the deletion list) tonight's
     models replace the champion whatever their metrics.
     """
-    results = heldout_metrics(models.path, feature_set, feature_key, n_candidates, diversity=diversity)
+    results = heldout_metrics(models.path, feature_set, feature_key, n_candidates, lists=lists)
     flat = {f"{_metric_prefix(name)}{m}_at_{CUTOFF}": v for name, values in results.items() for m, v in values.items()
             if name != "curve"}
     client = _client(workspace)
@@ -154,7 +155,7 @@ def evaluate(
             reason = f"champion v{champion[0].version} was trained with users now on the deletion list: retired"
         else:
             held = heldout_metrics(champion[1], feature_set, feature_key, n_candidates, baselines=False,
-                                   diversity=diversity)["retrieval+ranking"]
+                                   lists=lists)["retrieval+ranking"]
             flat |= {f"champion_{m}_at_{CUTOFF}": v for m, v in held.items()}
             promote = new_ndcg > held["ndcg"]
             reason = (
@@ -224,17 +225,17 @@ def _plots(curves: dict, models: ModelSet) -> dict:
 
 def heldout_metrics(
     models: Path, feature_set: FeatureSet, feature_key: str, n_candidates: int, baselines: bool = True,
-    diversity: float = 0.0,
+    lists: ListConfig = ListConfig(),
 ) -> dict:
     """Accuracy and list metrics@10 of retrieval + ranking (and, with `baselines`, of
     popularity and retrieval alone) on the test split, plus recall at several cut-offs
-    (`curve`); cached in models/evaluation/. `diversity` is the final re-ranking's
-    (`recommend`).
+    (`curve`); cached in models/evaluation/. `lists` says how `recommend` chooses
+    the final lists.
 
     Without `baselines` the models may come from an earlier night (the champion): only the
     full path maps tonight's ids into the models' vocabulary.
     """
-    cached = models / "evaluation" / f"{feature_key}-diversity{diversity:g}{'' if baselines else '-models-only'}.json"
+    cached = models / "evaluation" / f"{stage_key(feature_key, lists)}{'' if baselines else '-models-only'}.json"
     if cached.exists():
         return json.loads(cached.read_text())
     features = load_features(feature_set.path)
@@ -245,7 +246,7 @@ def heldout_metrics(
     test = test.filter(pl.col("user_idx").is_in(users.tolist()))
     truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
     deepest = max(CURVE)
-    table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest, diversity)}
+    table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest, lists)}
     if baselines:
         table |= {
             "popularity": popularity_lists(features, visible, users, deepest),
@@ -285,9 +286,9 @@ def retrieval_lists(
 
 def model_lists(
     models: Path, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int, k: int = CUTOFF,
-    diversity: float = 0.0,
+    lists: ListConfig = ListConfig(),
 ) -> pl.DataFrame:
-    recs = recommend(models, features, users, visible, n, k, diversity=diversity)
+    recs = recommend(models, features, users, visible, n, k, lists=lists)
     return recs.join(features.items.select("item_id", "item_idx"), on="item_id", how="left").select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").fill_null(-1).alias("item"), "rank"
     )
@@ -456,6 +457,6 @@ def _champion(client, workspace: Path):
 @task(name="evaluate")
 def evaluate_task(
     feature_set: FeatureSet, feature_key: str, models: ModelSet, run_id: str, workspace: Path, n_candidates: int,
-    diversity: float, retire_champion: bool,
+    lists: ListConfig, retire_champion: bool,
 ) -> ChampionDecision:
-    return evaluate(feature_set, feature_key, models, run_id, workspace, n_candidates, diversity, retire_champion)
+    return evaluate(feature_set, feature_key, models, run_id, workspace, n_candidates, lists, retire_champion)

@@ -22,6 +22,7 @@ import polars as pl
 import scipy.sparse as sp
 from prefect import task
 
+from schemas.config import ListConfig
 from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable
 from tasks.features import MAX_CATEGORIES, Features, load_features, padded, user_histories
 from tasks.ranking import candidate_features, cooccurrence, item_similarity
@@ -44,7 +45,7 @@ def recommend(
     n_candidates: int,
     k: int,
     similarity: sp.csr_matrix | None = None,
-    diversity: float = 0.0,
+    lists: ListConfig = ListConfig(),
 ) -> pl.DataFrame:
     """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`, each
     recommendation explained by the history item most like it.
@@ -52,10 +53,11 @@ def recommend(
     `history` holds the events (tonight's indices, sorted by user and time) that form each
     user's sequence and that are never recommended again; `similarity` is
     `history_similarity(models, features, history)` when the caller already has it. With
-    `diversity` above 0 the list is chosen from the ranked candidates by maximal marginal
-    relevance over item categories (`diversify`), and `score` is that choice's objective.
-    Users are scored USERS_PER_BLOCK at a time, in the order given. Returns one row per
-    (user, rank) with the columns of RECS_SCHEMA.
+    `lists.diversity` above 0 the list is chosen from the ranked candidates by maximal
+    marginal relevance over item categories (`diversify`), and `score` is that choice's
+    objective; then the last `lists.new_item_slots` positions go to new items
+    (`make_room_for_new_items`). Users are scored USERS_PER_BLOCK at a time, in the order
+    given. Returns one row per (user, rank) with the columns of RECS_SCHEMA.
     """
     from tasks.tfenv import tf
 
@@ -68,6 +70,9 @@ def recommend(
     titles = np.concatenate([[None], model_items["title"].fill_null(model_items["item_id"]).to_numpy()]).astype(object)
     categories = padded(model_items["categories_idx"], MAX_CATEGORIES)
     popularity = np.load(vocab / "item_popularity.npy")
+    new = np.zeros(item_ids.size, dtype=bool)  # in tonight's catalogue, nobody has interacted with them yet
+    new[item_map[features.items.filter(pl.col("popularity") == 0)["item_idx"].to_numpy()]] = True
+    new[0] = False
     retrieval = RetrievalBundle.load(models / "retrieval")
     unit = retrieval.item_embeddings / np.maximum(np.linalg.norm(retrieval.item_embeddings, axis=1, keepdims=True), 1e-12)
     ranker = tf.saved_model.load(str(models / "ranking")).signatures["score"]
@@ -89,11 +94,12 @@ def recommend(
         inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block], together)
         ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
         ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
-        if diversity > 0:
-            order, final = diversify(ranked, categories[candidates], k, diversity)
+        if lists.diversity > 0:
+            order, final = diversify(ranked, categories[candidates], k, lists.diversity)
         else:
             order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
             final = np.take_along_axis(ranked, order, axis=1)
+        order, placed = make_room_for_new_items(order, new[candidates] & real, lists.new_item_slots)
         top = np.take_along_axis(candidates, order, axis=1)
         because, closeness = explain(unit, top, histories[block])
         width = top.shape[1]
@@ -108,18 +114,44 @@ def recommend(
                     "because_item_id": item_ids[because.ravel()],
                     "because_title": titles[because.ravel()],
                     "similarity": np.char.mod("%.2f", closeness.ravel()),
+                    "new": placed.ravel(),
                 },
                 schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
             )
         )
-    recs = pl.concat(frames) if frames else pl.DataFrame(schema=RECS_SCHEMA | {"because_title": pl.String,
-                                                                              "similarity": pl.String})
+    recs = pl.concat(frames) if frames else pl.DataFrame(
+        schema=RECS_SCHEMA | {"because_title": pl.String, "similarity": pl.String, "new": pl.Boolean}
+    )
     reason = (
         pl.when(pl.col("because_item_id").is_null())
         .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
         .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title", "similarity"))
     )
+    reason = pl.when(pl.col("new")).then(pl.lit("new in the catalogue; ") + reason).otherwise(reason)
     return recs.filter(pl.col("score").is_finite()).with_columns(reason.alias("reason")).select(RECS_SCHEMA.keys())
+
+
+def make_room_for_new_items(order: np.ndarray, new: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give the last `slots` positions of each list (`order`: positions in the candidate
+    rows) to the best-retrieved new items among that user's candidates (`new`, a mask over
+    the candidate rows, which are in retrieval order) that the list lacks. Positions stay
+    where there is no such item, and each keeps its score, so scores stay non-increasing.
+    Returns the new order and a mask of the positions given to new items."""
+    order = order.copy()
+    placed = np.zeros(order.shape, dtype=bool)
+    slots = min(slots, order.shape[1])
+    if slots == 0 or not new.any():
+        return order, placed
+    rows = np.arange(order.shape[0])
+    left = new.copy()
+    left[rows[:, None], order] = False  # already in the list
+    for position in range(order.shape[1] - slots, order.shape[1]):
+        best = left.argmax(axis=1)
+        found = left[rows, best]
+        order[found, position] = best[found]
+        placed[found, position] = True
+        left[rows[found], best[found]] = False
+    return order, placed
 
 
 def diversify(relevance: np.ndarray, categories: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +261,7 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 
 def score_shard(
     feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
-    shard: int, shards: int, diversity: float = 0.0,
+    shard: int, shards: int, lists: ListConfig = ListConfig(),
 ) -> int:
     """Write the top-`k` lists of one user range, as DESIGN.md's output table, to
     staged/part-<shard>.parquet; return its rows. Shards may run on other workers."""
@@ -238,7 +270,7 @@ def score_shard(
     if users.size == 0:  # more shards than blocks of users
         return 0
     similarity = sp.load_npz(staged / SHARED)
-    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity, diversity)
+    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity, lists)
     table = (
         recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
         .with_columns(
@@ -302,9 +334,9 @@ def prepare_task(feature_set: FeatureSet, decision: ChampionDecision, workspace:
 @task(name="score_shard", task_run_name="score_shard-{shard}")
 def score_shard_task(
     feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
-    shard: int, shards: int, diversity: float,
+    shard: int, shards: int, lists: ListConfig,
 ) -> int:
-    return score_shard(feature_set, decision, staged, run_date, n_candidates, k, shard, shards, diversity)
+    return score_shard(feature_set, decision, staged, run_date, n_candidates, k, shard, shards, lists)
 
 
 @task(name="publish")

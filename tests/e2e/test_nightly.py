@@ -325,7 +325,7 @@ def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_mo
 
     workspace, first = nightly_run
     day = RUN_DATE + dt.timedelta(days=4)
-    plain, diverse = (nightly(small_config(workspace, run_date=day, diversity=weight)) for weight in (0.0, 0.6))
+    plain, diverse = (nightly(small_config(workspace, run_date=day, lists={"diversity": weight})) for weight in (0.0, 0.6))
     assert {"train_retrieval", "train_ranking"} <= set(diverse["reused_stages"])  # only the lists change
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -1,11 +1,11 @@
-"""The final list: diversity re-ranking (maximal marginal relevance) and explanations."""
+"""The final list: diversity re-ranking (maximal marginal relevance), new-item slots, explanations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.score import diversify, explain
+from tasks.score import diversify, explain, make_room_for_new_items
 
 
 def test_diversity_trades_relevance_for_a_new_category_and_keeps_scores_non_increasing():
@@ -41,3 +41,15 @@ def test_items_without_categories_count_as_alike_not_as_new():
     categories = np.array([[[0, 0], [0, 0], [5, 0]]])  # two uncategorised items and one in category 5
     picks, _ = diversify(relevance, categories, k=3, weight=0.6)
     assert picks[0].tolist() == [0, 2, 1]  # the second uncategorised item is like the first
+
+
+def test_the_last_slots_go_to_the_best_retrieved_new_items_the_list_lacks():
+    order = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0]])  # positions in each user's candidate row
+    new = np.zeros((3, 6), dtype=bool)
+    new[0, [4, 5]] = True  # two new candidates, 4 retrieved before 5
+    new[2, [2, 5]] = True  # candidate 2 is new but already listed
+    placed_order, placed = make_room_for_new_items(order, new, slots=2)
+    assert placed_order[0].tolist() == [0, 1, 4, 5] and placed[0].tolist() == [False, False, True, True]
+    assert placed_order[1].tolist() == [0, 1, 2, 3] and not placed[1].any()  # no new candidates: unchanged
+    assert placed_order[2].tolist() == [3, 2, 5, 0] and placed[2].tolist() == [False, False, True, False]
+    assert order[0].tolist() == [0, 1, 2, 3]  # the input is left alone
