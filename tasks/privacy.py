@@ -25,7 +25,7 @@ from tasks.workspace import STAGE_RECORD, RecflowError, publish_dir, temp_dir, w
 log = logging.getLogger(__name__)
 
 DATED_TABLES = ("snapshots", "quarantine", "features", "recommendations", "fallback", "similar_items")
-REWRITTEN = ("snapshots", "quarantine", "recommendations")  # user rows filtered out in place; other tables removed
+REWRITTEN = ("snapshots", "quarantine", "recommendations")  # rebuilt without listed users by `forget`
 FORGOTTEN = ".forgotten.json"  # which deletion list `forget` last applied to the workspace
 RECORD = "privacy.json"  # beside a model's vocabulary: the privacy settings of its training data
 
