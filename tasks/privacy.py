@@ -136,9 +136,8 @@ def served_id(user_id: str, key_file: Path | None) -> str:
 def remembers(models: Path, cfg: PrivacyConfig, workspace: Path) -> bool:
     """Whether the models in `models` may have learned from a user now on the deletion list.
 
-    Certain when their user vocabulary is at hand; when it is not (models restored from
-    MLflow, which never holds user ids) or holds other pseudonyms (another key), any
-    change of list since their training counts as yes.
+    Certain when their user vocabulary is at hand; when it is not, or holds other
+    pseudonyms (another key), any change of list since their training counts as yes.
     """
     deleted = served(deleted_users(cfg, workspace), cfg, workspace)
     if deleted.is_empty():
@@ -162,10 +161,12 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: Path) -> dict[str, int]:
     """Remove users on the deletion list from what earlier runs left in the workspace.
 
     Snapshot, quarantine and recommendation partitions that hold them are rebuilt without
-    their rows in .tmp/ and swapped in whole (with their row counts updated); feature
-    partitions and model directories that hold them are removed (they are rebuilt from
-    snapshots). `keep` (the models that scored tonight) stays. Runs once per deletion
-    list. Returns counts of rebuilt partitions and removed directories.
+    their rows in .tmp/ and swapped in whole (with their row counts updated), and so are
+    the user vocabularies that earlier runs logged to the embedded MLflow store
+    (workspace/mlartifacts); feature partitions and model directories that hold them are
+    removed (they are rebuilt from snapshots). `keep` (the models that scored tonight)
+    stays. Runs once per deletion list. Returns counts of rewritten partitions or files
+    and of removed directories.
     """
     deleted = served(deleted_users(cfg, workspace), cfg, workspace)
     marker = workspace / FORGOTTEN
@@ -179,6 +180,10 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: Path) -> dict[str, int]:
             if any(_holds(f, deleted) for f in files):
                 _rebuild_without(directory, files, deleted, workspace)
                 rewritten += 1
+    for logged in sorted((workspace / "mlartifacts").glob("**/models/vocab/users.parquet")):  # the embedded store
+        if _holds(logged, deleted):
+            write_parquet(pl.read_parquet(logged).filter(~pl.col("user_id").is_in(deleted.implode())), logged)
+            rewritten += 1
     holders = {path.parent: path for path in (workspace / "features").glob("run_date=*/users.parquet")}
     holders |= {path.parent.parent: path for path in (workspace / "models").glob("*/vocab/users.parquet")}
     for directory, users in holders.items():

@@ -212,12 +212,8 @@ def history_similarity(models: Path, features: Features, history: pl.DataFrame) 
 
 
 def model_user_map(models: Path, features: Features) -> np.ndarray:
-    """Tonight's user_idx -> the models' user_idx. Models restored from MLflow have no user
-    vocabulary (MLflow never holds user ids): their users are then all unknown (0)."""
-    vocabulary = models / "vocab" / "users.parquet"
-    if not vocabulary.exists():
-        return np.zeros(features.n_users + 1, dtype=np.int32)
-    return index_map(features.users, pl.read_parquet(vocabulary), "user_id", "user_idx")
+    """Tonight's user_idx -> the models' user_idx (0 for users the models never saw)."""
+    return index_map(features.users, pl.read_parquet(models / "vocab" / "users.parquet"), "user_id", "user_idx")
 
 
 def _item_map(models: Path, features: Features) -> np.ndarray:
