@@ -14,7 +14,10 @@ setup: .venv/.synced
 run: setup
 	.venv/bin/recflow run
 
+# The import contract (pyproject.toml, [tool.importlinter]), then the tests in a random order
+# (pytest-randomly prints the seed; `pytest --randomly-seed=N` replays an order).
 test: setup
+	.venv/bin/lint-imports --no-cache
 	.venv/bin/python -m pytest -m "not slow"
 
 test-slow: setup browser
@@ -26,5 +29,8 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Quality against the classical baselines (docs/quality.md) on real data, which the repository
+# does not ship: a directory (make bench DATASET=path/to/data) or a GroupLens archive.
+DATASET ?= movielens:ml-latest-small
 bench: setup
-	.venv/bin/recflow bench ../shared/datasets/ml-latest-small --out bench/results/quality-ml-latest-small.json
+	.venv/bin/recflow bench $(DATASET) --out bench/results/quality-$(notdir $(subst movielens:,,$(DATASET))).json

@@ -9,12 +9,12 @@ content), and recall@10 of the cold items they really chose is compared with a r
 order and with category popularity (a cold item scored by the mean popularity of the warm
 items in its categories; one list for everyone).
 
-Diversity. DESIGN.md's quality protocol (bench/quality.py's split); the pipeline runs at
+Diversity. The quality protocol (docs/quality.md, bench/quality.py's split); the pipeline runs at
 several `lists.diversity` weights in one workspace (the models are trained once and reused) and
 its written top-10 lists are scored for accuracy and for intra-list diversity, novelty
 and popularity bias, with the pipeline's own metric functions.
 
-    python bench/beyond.py ../shared/datasets/ml-latest-small [--out bench/results/beyond.json]
+    python bench/beyond.py DATASET_DIR [--out bench/results/beyond.json]
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
-from tasks.evaluate import list_metrics, ranking_metrics  # noqa: E402
+
+from schemas.tables import ModelDir  # noqa: E402
 from tasks.features import load_features, user_histories  # noqa: E402
-from tasks.retrieval import RetrievalBundle  # noqa: E402
+from tasks.inference import RetrievalBundle  # noqa: E402
+from tasks.metrics import list_metrics, ranking_metrics  # noqa: E402
 
 K = 10
 RUN_DATE = quality.RUN_DATE
@@ -73,7 +75,7 @@ def cold_start(interactions: pl.DataFrame, items: pl.DataFrame, scratch: Path) -
 
     features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
     (models,) = (workspace / "models").iterdir()
-    bundle = RetrievalBundle.load(models / "retrieval")
+    bundle = RetrievalBundle.load(ModelDir(path=models))
     cold_items = features.items.filter(is_cold).select("item_id", "item_idx", "categories_idx")
     truth = (
         interactions.filter(is_cold).select("user_id", "item_id").unique()
@@ -129,7 +131,8 @@ def diversity_tradeoff(interactions: pl.DataFrame, items: pl.DataFrame, scratch:
             "user", pl.col("item_idx").alias("item"), "rank"
         )
         results[f"diversity {weight}"] = (
-            ranking_metrics(written, truth, K, n_items) | list_metrics(indexed, features, K) | {"seconds": seconds}
+            ranking_metrics(written, truth, K, n_items)
+            | list_metrics(indexed, features.item_popularity, features.item_categories, K) | {"seconds": seconds}
         )
     return results
 

@@ -1,13 +1,13 @@
 """Quality benchmark: the pipeline's written lists against held-out future interactions.
 
-Applies DESIGN.md's quality protocol to a dataset directory: for each user with at least
+Applies the quality protocol (docs/quality.md) to a dataset directory: for each user with at least
 5 interactions, the latest 20% (rounded up; ordered by timestamp, ties by item id) are
 hidden; hidden items never seen in the visible part are dropped. The real pipeline
 (`recflow run`, default settings) runs on the visible part only, in a subprocess; its
 written top-10 lists are scored on the hidden part with the same metric functions the
 pipeline uses, next to a popularity baseline computed on the same split.
 
-    python bench/quality.py ../shared/datasets/ml-latest-small [--out bench/results/quality.json]
+    python bench/quality.py DATASET_DIR [--out bench/results/quality.json]
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
-from tasks.evaluate import ranking_metrics  # noqa: E402
+
 from schemas.config import SyntheticConfig  # noqa: E402
-from tasks.ingest import generate_synthetic, read_directory  # noqa: E402
+from schemas.tables import ModelDir  # noqa: E402
+from tasks.ingest import fetch_movielens, generate_synthetic, read_directory  # noqa: E402
+from tasks.metrics import ranking_metrics  # noqa: E402
 
 IALS_GRID = [  # (factors, regularization, alpha): a small grid; the best row is reported
     (64, 0.01, 1.0), (64, 0.1, 10.0), (128, 0.1, 5.0), (128, 1.0, 20.0),
@@ -84,7 +86,7 @@ def retrieval_only(workspace: Path) -> pl.DataFrame:
     features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
     users = features.users["user_idx"].to_numpy()
     (models,) = (workspace / "models").iterdir()  # a fresh workspace holds the one run's models
-    lists = retrieval_lists(models, features, features.events, users, K)
+    lists = retrieval_lists(ModelDir(path=models), features, features.events, users, K)
     return (
         lists.join(features.users.select(pl.col("user_idx").alias("user"), "user_id"), on="user")
         .join(features.items.select(pl.col("item_idx").alias("item"), "item_id"), on="item")
@@ -93,16 +95,18 @@ def retrieval_only(workspace: Path) -> pl.DataFrame:
 
 
 def load(dataset: str) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-    """Interactions and items of a dataset directory, or of the seeded synthetic source."""
+    """Interactions and items of a dataset directory, a GroupLens archive ('movielens:<name>',
+    downloaded once) or the seeded synthetic source."""
     if dataset == "synthetic":
         return generate_synthetic(SyntheticConfig(), dt.date.fromisoformat(RUN_DATE), seed=7)
-    interactions, items, _ = read_directory(Path(dataset))
+    directory = fetch_movielens(dataset.split(":", 1)[1]) if dataset.startswith("movielens:") else Path(dataset)
+    interactions, items, _ = read_directory(directory)
     return interactions, items
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", help="a dataset directory, or 'synthetic'")
+    parser.add_argument("dataset", help="a dataset directory, 'movielens:<name>' or 'synthetic'")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = parser.parse_args()
     interactions, items = load(args.dataset)

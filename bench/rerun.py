@@ -7,7 +7,7 @@ Prefect's temporary server, MLflow run bookkeeping, shutdown); target: at most 2
 the rerun, its wall time against the first run's (target: under a third) and whether the
 published partition is byte-for-byte identical.
 
-    python bench/rerun.py ../shared/datasets/ml-latest-small
+    python bench/rerun.py DATASET_DIR
 """
 
 from __future__ import annotations

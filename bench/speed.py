@@ -4,17 +4,16 @@
   against the TFRS basic retrieval tutorial's setup (bench/tutorial.py) on the same `fit`
   examples, embedding size and batch; target >= 5x. Also the share of step time the
   input alone takes.
-- scoring: achieved GFLOP/s of retrieval top-N for every user (tasks.retrieval.retrieve:
+- scoring: achieved GFLOP/s of retrieval top-N for every user (tasks.inference.retrieve:
   blocked scores, seen items excluded, top-N selected) against one plain float32 numpy
   product of the same shapes; target >= 0.6x. Ranking: pairs/second of the ranker.
 
-    python bench/speed.py ../shared/datasets/ml-latest-small
+    python bench/speed.py DATASET_DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import tempfile
 import time
@@ -24,8 +23,9 @@ import numpy as np
 import polars as pl
 
 from bench.scale import _machine
-from schemas.config import FeatureConfig, PipelineConfig, RankingConfig, RetrievalConfig
-from tasks.features import build_features, load_features
+from schemas.config import PipelineConfig, RankingConfig, RetrievalConfig, Run
+from tasks.features import load_features
+from tasks.featurize import build_features
 from tasks.ingest import ingest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def tutorial(features, cfg: RetrievalConfig) -> dict:
 
 def scoring(users: int, items: int, dim: int, n: int = 100, seen_per_user: int = 50) -> dict:
     """retrieve() on random embeddings against a single numpy product of the same shapes."""
-    from tasks.retrieval import BLOCK_SCORES, retrieve
+    from tasks.inference import BLOCK_SCORES, retrieve
 
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((users, dim), dtype=np.float32)
@@ -133,12 +133,10 @@ def main() -> None:
     parser.add_argument("dataset", help="a dataset directory (MovieLens or generic layout)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     args = parser.parse_args()
-    config = PipelineConfig()
     with tempfile.TemporaryDirectory() as scratch:
-        workspace = Path(scratch)
-        snapshot = ingest(str(Path(args.dataset).resolve()), dt.date(2026, 11, 27), workspace, config.synthetic, 42)
-        feature_set = build_features(snapshot, workspace, dt.date(2026, 11, 27), FeatureConfig(), "bench")
-        features = load_features(feature_set.path)
+        config = PipelineConfig(source=str(Path(args.dataset).resolve()), workspace=scratch, run_date="2026-11-27")
+        run = Run.of(config)
+        features = load_features(build_features(run, ingest(run)).path)
         ours = training(features, config.retrieval, config.features.history_length)
         print(json.dumps({"training": ours}), flush=True)
         reference = tutorial(features, config.retrieval)

@@ -10,13 +10,12 @@ and the first whose wall time stays under `--budget` seconds wins (the nightly r
 stay under 3 minutes). The winner is printed and written as JSON; commit it into
 schemas/config.py by hand.
 
-    python bench/tune.py ../shared/datasets/ml-latest-small --trials 6
+    python bench/tune.py DATASET_DIR --trials 6
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
 import random
@@ -33,10 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import RUN_DATE, load, split  # noqa: E402
-from schemas.config import PipelineConfig  # noqa: E402
-from tasks.evaluate import CUTOFF, model_lists, ranking_metrics  # noqa: E402
-from tasks.features import build_features, load_features  # noqa: E402
+
+from schemas.config import PipelineConfig, Run  # noqa: E402
+from tasks.evaluate import CUTOFF, model_lists  # noqa: E402
+from tasks.features import load_features  # noqa: E402
+from tasks.featurize import build_features  # noqa: E402
 from tasks.ingest import ingest  # noqa: E402
+from tasks.metrics import ranking_metrics  # noqa: E402
 from tasks.ranking import train_ranking  # noqa: E402
 from tasks.retrieval import train_retrieval  # noqa: E402
 
@@ -61,14 +63,13 @@ def nested(overrides: dict) -> dict:
 
 def trial(source: Path, overrides: dict) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = PipelineConfig.model_validate(nested(overrides) | {"source": str(source), "workspace": scratch})
-        run_date, workspace = dt.date.fromisoformat(RUN_DATE), cfg.workspace_path()
+        cfg = PipelineConfig.model_validate(
+            nested(overrides) | {"source": str(source), "workspace": scratch, "run_date": RUN_DATE}
+        )
+        run = Run.of(cfg)
         started = time.perf_counter()
-        snapshot = ingest(cfg.source, run_date, workspace, cfg.synthetic, cfg.seed)
-        feature_set = build_features(snapshot, workspace, run_date, cfg.features, "tune")
-        models = workspace / "models" / "trial"
-        train_retrieval(feature_set, models, cfg.retrieval, cfg.features, cfg.seed)
-        train_ranking(feature_set, models / "retrieval", models / "ranking", cfg.ranking, cfg.retrieval, cfg.seed)
+        feature_set = build_features(run, ingest(run))
+        models = train_ranking(run, feature_set, train_retrieval(run, feature_set))
         seconds = time.perf_counter() - started
         features = load_features(feature_set.path)
         visible = features.events.filter(pl.col("split") != "test")

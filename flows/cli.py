@@ -124,7 +124,7 @@ def runs(
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "recflow",
 ) -> None:
     """Print the last runs side by side: dates, decisions, metrics and timings from MLflow."""
-    from tasks.evaluate import recent_runs
+    from tasks.tracking import recent_runs
 
     table = recent_runs(_workspace(workspace), experiment, last)
     if table is None:
@@ -158,12 +158,12 @@ def explain(
 
 
 def _user_list(user_id: str, run_date: str | None, workspace: Path | None, key_file: Path | None):
+    from tasks.lists import published_list
     from tasks.privacy import served_id
-    from tasks.score import user_list
     from tasks.workspace import RecflowError
 
     try:
-        return user_list(_workspace(workspace), served_id(user_id, key_file), _date(run_date, "--run-date"))
+        return published_list(_workspace(workspace), served_id(user_id, key_file), _date(run_date, "--run-date"))
     except RecflowError as error:
         _fail(str(error))
 
@@ -199,10 +199,10 @@ def stack(
 
 @app.command()
 def bench(
-    dataset: Annotated[str, typer.Argument(help="a dataset directory, or 'synthetic'")],
+    dataset: Annotated[str, typer.Argument(help="a dataset directory, 'movielens:<name>' or 'synthetic'")],
     out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("bench/results/quality.json"),
 ) -> None:
-    """Score `recflow run` against classical baselines under DESIGN.md's quality protocol."""
+    """Score `recflow run` against classical baselines under the quality protocol (docs/quality.md)."""
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
     if not script.exists():
         _fail(f"{script} not found; the benchmark runs from a source checkout")

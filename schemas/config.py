@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.tables import partition
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -30,7 +32,8 @@ class SyntheticConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    """Thresholds of the Great Expectations gate (schemas/suites.py)."""
+    """Thresholds of the Great Expectations gate (schemas/suites.py) and of the row rules
+    (schemas/rules.py)."""
 
     min_rows: int = Field(100, ge=1)
     min_users: int = Field(10, ge=1)
@@ -179,3 +182,22 @@ class PipelineConfig(_Section):
 
     def workspace_path(self) -> Path:
         return Path(self.workspace).expanduser().resolve()
+
+
+class Run(BaseModel):
+    """One nightly run as every stage sees it: its config, with the run date and the
+    workspace resolved. Stages take it as their first argument."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: PipelineConfig
+    run_date: dt.date
+    workspace: Path
+
+    @classmethod
+    def of(cls, config: PipelineConfig) -> "Run":
+        return cls(config=config, run_date=config.resolved_run_date(), workspace=config.workspace_path())
+
+    def partition(self, table: str) -> Path:
+        """This run date's directory of `table` (snapshots, features, recommendations, ...)."""
+        return partition(self.workspace, table, self.run_date)

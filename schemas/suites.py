@@ -1,8 +1,10 @@
 """Great Expectations suites: what valid input looks like, built from the pipeline config.
 
 The validation stage runs these against the staged snapshot; a failed expectation stops
-the run before features. Thresholds come from `ValidationConfig`; the run date bounds
-timestamps, and an items table, when given, bounds which items interactions may name.
+the run before features. Row-level expectations come from the row rules
+(schemas/rules.py), which ingestion's bad-row filter shares; the table-level ones
+(columns, types, duplicates, sizes, volume) are here. Thresholds come from
+`ValidationConfig`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 
 from schemas.config import ValidationConfig
+from schemas.rules import RowRule, row_rules
 from schemas.tables import INTERACTIONS_REQUIRED
 
 NON_EMPTY = r"\S"
@@ -22,17 +25,13 @@ NON_EMPTY = r"\S"
 def interactions_suite(
     cfg: ValidationConfig, run_date: dt.date, item_ids: list[str] | None, previous: tuple[dt.date, int] | None = None
 ) -> gx.ExpectationSuite:
-    """`previous` is (run date, interactions) of the latest earlier snapshot, for the volume check."""
-    end_of_run_date = int(dt.datetime.combine(run_date + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()) - 1
+    """`item_ids` are the items table's ids (None: no items table); `previous` is (run date,
+    interactions) of the latest earlier snapshot, for the volume check."""
     expectations = [
         *(gxe.ExpectColumnToExist(column=column) for column in INTERACTIONS_REQUIRED),
-        *(gxe.ExpectColumnValuesToNotBeNull(column=column) for column in INTERACTIONS_REQUIRED),
+        *(_expectation(rule, item_ids) for rule in row_rules(cfg, run_date, item_ids is not None)),
         gxe.ExpectColumnValuesToBeOfType(column="user_id", type_="str"),
         gxe.ExpectColumnValuesToBeOfType(column="item_id", type_="str"),
-        gxe.ExpectColumnValuesToMatchRegex(column="user_id", regex=NON_EMPTY),
-        gxe.ExpectColumnValuesToMatchRegex(column="item_id", regex=NON_EMPTY),
-        gxe.ExpectColumnValuesToBeBetween(column="timestamp", min_value=0, max_value=end_of_run_date),
-        gxe.ExpectColumnValuesToBeBetween(column="rating", min_value=cfg.rating_min, max_value=cfg.rating_max),
         # GE counts every row of a duplicated group, so a rate r of extra copies is ~2r rows.
         gxe.ExpectCompoundColumnsToBeUnique(
             column_list=["user_id", "item_id", "timestamp"], mostly=max(0.0, 1 - 2 * cfg.max_duplicate_rate)
@@ -41,8 +40,6 @@ def interactions_suite(
         gxe.ExpectColumnUniqueValueCountToBeBetween(column="user_id", min_value=cfg.min_users),
         gxe.ExpectColumnUniqueValueCountToBeBetween(column="item_id", min_value=cfg.min_items),
     ]
-    if item_ids is not None:
-        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=item_ids))
     if previous is not None:
         day, rows = previous
         expectations.append(gxe.ExpectTableRowCountToBeBetween(
@@ -61,3 +58,13 @@ def items_suite() -> gx.ExpectationSuite:
             gxe.ExpectColumnValuesToBeUnique(column="item_id"),
         ],
     )
+
+
+def _expectation(rule: RowRule, item_ids: list[str] | None):
+    if rule.check == "not_null":
+        return gxe.ExpectColumnValuesToNotBeNull(column=rule.column)
+    if rule.check == "not_blank":
+        return gxe.ExpectColumnValuesToMatchRegex(column=rule.column, regex=NON_EMPTY)
+    if rule.check == "between":
+        return gxe.ExpectColumnValuesToBeBetween(column=rule.column, min_value=rule.low, max_value=rule.high)
+    return gxe.ExpectColumnValuesToBeInSet(column=rule.column, value_set=item_ids)

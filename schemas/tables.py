@@ -1,11 +1,14 @@
-"""Schemas of every table the pipeline reads or writes, and the records stages pass.
+"""Schemas of every table the pipeline reads or writes, the workspace layout, and the
+records stages pass.
 
 Stages hand each other paths and these small records, never DataFrames or models.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
+from typing import ClassVar
 
 import polars as pl
 from pydantic import BaseModel
@@ -30,7 +33,7 @@ EVENTS = pl.Schema(
     {"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64, "split": pl.Enum(list(SPLITS))}
 )
 
-# THE output table (recommendations/run_date=.../part-*.parquet), as DESIGN.md fixes it.
+# THE output table (recommendations/run_date=.../part-*.parquet; docs/design.md, "Contracts").
 RECOMMENDATIONS = pl.Schema(
     {
         "run_date": pl.Date,
@@ -72,8 +75,39 @@ SIMILAR_ITEMS = pl.Schema(
     }
 )
 
+# Dated tables of the workspace: one directory per run date (`partition`).
+DATED_TABLES = ("snapshots", "quarantine", "features", "recommendations", "fallback", "similar_items")
+STAGE_RECORD = "_stage.json"  # beside a stage's output: its cache key and record
 
-class Snapshot(BaseModel):
+
+def partition(workspace: Path, table: str, run_date: dt.date) -> Path:
+    """The directory of `table`'s partition for `run_date`."""
+    return workspace / table / f"run_date={run_date.isoformat()}"
+
+
+class StageRecord(BaseModel):
+    """What a stage returns, and what it stamps beside its output (STAGE_RECORD).
+
+    `key` is the hash of everything the output was computed from (empty for stages that
+    always run); `reused` says whether this run found that output already in place;
+    `seconds` is how long the stage took in this run. The last two describe a run, so
+    they are never stamped.
+    """
+
+    key: str = ""
+    reused: bool = False
+    seconds: float = 0.0
+
+    def run_metrics(self) -> dict[str, float]:
+        """What this record adds to the metrics of tonight's MLflow run."""
+        return {}
+
+    def run_tags(self) -> dict[str, str]:
+        """What this record adds to the tags of tonight's MLflow run."""
+        return {}
+
+
+class Snapshot(StageRecord):
     """A run's validated input: where it lies and what it holds."""
 
     path: Path
@@ -93,9 +127,22 @@ class Snapshot(BaseModel):
     def items(self) -> Path:
         return self.path / "items.parquet"
 
+    @property
+    def rejected(self) -> Path:
+        """Rows ingestion set apart with a reason each, staged for validation to quarantine."""
+        return self.path / "rejected_rows.parquet"
 
-class FeatureSet(BaseModel):
-    """Vocabularies, the time split and item content, as written by tasks/features.py."""
+    @property
+    def validation(self) -> Path:
+        """Great Expectations' results (JSON) and Data Docs (HTML)."""
+        return self.path / "validation"
+
+    def run_metrics(self) -> dict[str, float]:
+        return {"data_interactions": self.n_interactions, "data_users": self.n_users, "data_items": self.n_items}
+
+
+class FeatureSet(StageRecord):
+    """Vocabularies, the time split and item content, as written by the features stage."""
 
     path: Path
     n_users: int
@@ -104,27 +151,98 @@ class FeatureSet(BaseModel):
     n_title_tokens: int
     split_sizes: dict[str, int]
 
+    def run_metrics(self) -> dict[str, float]:
+        return {f"data_{split}_events": size for split, size in self.split_sizes.items()}
 
-class TrainedModel(BaseModel):
+
+class ModelDir(BaseModel):
+    """The layout of a models/<key>/ directory, and of the `models` artifact of the MLflow
+    run that trained it: both SavedModels and the vocabularies they were trained with.
+
+    Every path into such a directory comes from here.
+    """
+
+    path: Path
+
+    RETRIEVAL: ClassVar[str] = "retrieval"  # SavedModel: `query` and `candidates` signatures
+    RANKING: ClassVar[str] = "ranking"  # SavedModel: `score` signature
+    USER_VOCABULARY: ClassVar[str] = "vocab/users.parquet"
+    ITEM_VOCABULARY: ClassVar[str] = "vocab/items.parquet"
+
+    @classmethod
+    def of(cls, workspace: Path, key: str) -> "ModelDir":
+        """The models directory of model key `key` in `workspace`."""
+        return cls(path=workspace / "models" / key)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def retrieval_path(self) -> Path:
+        return self.path / self.RETRIEVAL
+
+    @property
+    def ranking_path(self) -> Path:
+        return self.path / self.RANKING
+
+    @property
+    def vocabulary(self) -> Path:
+        return self.path / "vocab"
+
+    @property
+    def users(self) -> Path:
+        return self.path / self.USER_VOCABULARY
+
+    @property
+    def items(self) -> Path:
+        return self.path / self.ITEM_VOCABULARY
+
+    @property
+    def item_popularity(self) -> Path:
+        """Events per item (model index) in the training data."""
+        return self.vocabulary / "item_popularity.npy"
+
+    @property
+    def privacy(self) -> Path:
+        """The privacy settings of the training data (tasks/privacy.py)."""
+        return self.vocabulary / "privacy.json"
+
+    @property
+    def evaluation(self) -> Path:
+        """Cached held-out metrics of these models, one file per feature set and list config."""
+        return self.path / "evaluation"
+
+    def is_complete(self) -> bool:
+        return (self.ranking_path / "saved_model.pb").exists()
+
+
+class TrainedModel(StageRecord):
     """A SavedModel directory and what training measured."""
 
     path: Path
     epochs: int
-    seconds: float
     metrics: dict[str, float]
     history: dict[str, list[float]] = {}  # per-epoch curves, plotted in MLflow
+    warm_start_from: str | None = None  # the models directory whose weights training started from
 
 
-class ModelSet(BaseModel):
-    """Both models of a run, in models/<key>/ (retrieval/, ranking/, vocab/)."""
+class ModelSet(ModelDir, StageRecord):
+    """Both models of a run, in models/<key>/, and how their training went."""
 
-    path: Path
-    key: str
     retrieval: TrainedModel
     ranking: TrainedModel
 
+    def run_metrics(self) -> dict[str, float]:
+        return ({f"retrieval_{name}": value for name, value in self.retrieval.metrics.items()}
+                | {f"ranking_{name}": value for name, value in self.ranking.metrics.items()}
+                | {"retrieval_epochs": self.retrieval.epochs})
 
-class ChampionDecision(BaseModel):
+    def run_tags(self) -> dict[str, str]:
+        return {"model_key": self.key, "warm_start_from": self.retrieval.warm_start_from or "none"}
+
+
+class ChampionDecision(StageRecord):
     """Which models score tonight and why."""
 
     mlflow_run_id: str
@@ -134,8 +252,47 @@ class ChampionDecision(BaseModel):
     reason: str
     metrics: dict[str, float]
 
+    @property
+    def models(self) -> ModelDir:
+        return ModelDir(path=self.models_path)
 
-class PublishedTable(BaseModel):
+
+class ScoringJob(StageRecord):
+    """Tonight's partition being scored: the staging directory the shards write their parts
+    to, and what they score with."""
+
+    path: Path
+    features: FeatureSet
+    decision: ChampionDecision
+
+
+class ScoredShard(StageRecord):
+    shard: int
+    rows: int
+
+
+class PublishedTable(StageRecord):
     path: Path
     rows: int
     users: int
+
+    def run_metrics(self) -> dict[str, float]:
+        return {"output_rows": self.rows, "output_users": self.users}
+
+
+class Catalogue(StageRecord):
+    """Rows of the tables published beside the recommendations."""
+
+    fallback_rows: int
+    similar_items_rows: int
+
+    def run_metrics(self) -> dict[str, float]:
+        return {"fallback_rows": self.fallback_rows, "similar_items_rows": self.similar_items_rows}
+
+
+class Cleanup(StageRecord):
+    """What a successful run removed from earlier runs' files (tasks/privacy.py)."""
+
+    rewritten: int  # partitions and files rebuilt without users on the deletion list
+    removed: int  # derived directories (features, models) that held them
+    pruned: list[str]  # partitions past the retention window

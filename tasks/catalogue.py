@@ -12,42 +12,38 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from pathlib import Path
 
 import numpy as np
 import polars as pl
-from prefect import task
 
-from schemas.tables import FALLBACK, SIMILAR_ITEMS, ChampionDecision, FeatureSet, Snapshot
+from schemas.config import Run
+from schemas.tables import FALLBACK, SIMILAR_ITEMS, Catalogue, ChampionDecision, FeatureSet, ModelDir, Snapshot
 from tasks.features import Features, load_features
-from tasks.retrieval import RetrievalBundle, retrieve
-from tasks.score import index_map
-from tasks.workspace import partition, publish_dir, temp_dir, write_parquet
+from tasks.inference import RetrievalBundle, model_item_map, retrieve
+from tasks.stage import stage
+from tasks.workspace import publish_dir, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
 
 
-def publish_catalogue(
-    snapshot: Snapshot, feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date,
-    k: int, neighbours: int, half_life_days: float,
-) -> dict[str, int]:
-    """Write fallback/ and similar_items/ for `run_date`, each partition whole or not at
-    all; return their row counts."""
-    similar = similar_items(decision.models_path, load_features(feature_set.path), neighbours)
+def publish_catalogue(run: Run, snapshot: Snapshot, features: FeatureSet, decision: ChampionDecision) -> Catalogue:
+    """Write tonight's fallback/ and similar_items/ partitions, each whole or not at all."""
+    cfg = run.config
+    similar = similar_items(decision.models, load_features(features.path), cfg.similar_items)
     tables = {
-        "fallback": (fallback_lists(snapshot, run_date, k, half_life_days), FALLBACK),
+        "fallback": (fallback_lists(snapshot, run.run_date, cfg.top_k, cfg.popularity_half_life_days), FALLBACK),
         "similar_items": (similar.with_columns(pl.lit(decision.model_version).alias("model_version"),
                                                pl.lit(decision.mlflow_run_id).alias("mlflow_run_id")), SIMILAR_ITEMS),
     }
-    rows = {}
     for name, (table, schema) in tables.items():
-        staged = temp_dir(workspace, name)
-        write_parquet(table.with_columns(pl.lit(run_date).alias("run_date")).select(schema.names()).cast(dict(schema)),
-                      staged / "part-00000.parquet")
-        publish_dir(staged, partition(workspace, name, run_date))
-        rows[f"{name}_rows"] = table.height
-    log.info("published fallback (%d rows) and similar_items (%d rows)", rows["fallback_rows"], rows["similar_items_rows"])
-    return rows
+        staged = temp_dir(run.workspace, name)
+        dated = table.with_columns(pl.lit(run.run_date).alias("run_date"))
+        write_parquet(dated.select(schema.names()).cast(dict(schema)), staged / "part-00000.parquet")
+        publish_dir(staged, run.partition(name))
+    published = Catalogue(fallback_rows=tables["fallback"][0].height, similar_items_rows=similar.height)
+    log.info("published fallback (%d rows) and similar_items (%d rows)", published.fallback_rows,
+             published.similar_items_rows)
+    return published
 
 
 def fallback_lists(snapshot: Snapshot, run_date: dt.date, k: int, half_life_days: float) -> pl.DataFrame:
@@ -77,12 +73,12 @@ def fallback_lists(snapshot: Snapshot, run_date: dt.date, k: int, half_life_days
     )
 
 
-def similar_items(models: Path, features: Features, k: int) -> pl.DataFrame:
+def similar_items(models: ModelDir, features: Features, k: int) -> pl.DataFrame:
     """Each item of tonight's catalogue that the models know, with its `k` nearest such
     items by cosine similarity of the candidate tower's embeddings."""
-    model_idx = index_map(features.items, pl.read_parquet(models / "vocab" / "items.parquet"), "item_id", "item_idx")
+    model_idx = model_item_map(models, features)
     known = np.flatnonzero(model_idx[1:] > 0)
-    embeddings = RetrievalBundle.load(models / "retrieval").item_embeddings[model_idx[1:][known]]
+    embeddings = RetrievalBundle.load(models).item_embeddings[model_idx[1:][known]]
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     rows = np.arange(known.size)
     top, scores = retrieve(unit, np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit]), (rows, rows + 1), k)
@@ -100,9 +96,4 @@ def similar_items(models: Path, features: Features, k: int) -> pl.DataFrame:
     return table.filter(pl.col("score").is_finite())
 
 
-@task(name="catalogue")
-def catalogue_task(
-    snapshot: Snapshot, feature_set: FeatureSet, decision: ChampionDecision, workspace: Path, run_date: dt.date,
-    k: int, neighbours: int, half_life_days: float,
-) -> dict[str, int]:
-    return publish_catalogue(snapshot, feature_set, decision, workspace, run_date, k, neighbours, half_life_days)
+catalogue_task = stage("catalogue", publish_catalogue)

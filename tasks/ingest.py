@@ -2,9 +2,9 @@
 
 First stage of the nightly DAG. It reads one of four sources (a directory in the generic
 layout, a MovieLens directory, a GroupLens archive fetched into a cache, or the seeded
-synthetic generator), maps it onto the input contract of DESIGN.md (string ids, unix-second
-timestamps) and stages parquet files under workspace/.tmp. Validation decides whether the
-staged snapshot is published to snapshots/run_date=.../ or quarantined.
+synthetic generator), maps it onto the input contract (docs/design.md: string ids,
+unix-second timestamps) and stages parquet files under workspace/.tmp. Validation decides
+whether the staged snapshot is published to snapshots/run_date=.../ or quarantined.
 
 A run sees only interactions up to the end of its run date, so a backfill of a past date
 never uses later events. Timestamps later than the wall clock are not dropped but left for
@@ -28,79 +28,79 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from prefect import task
 
-from schemas.config import PrivacyConfig, SyntheticConfig, ValidationConfig
+from schemas.config import Run, SyntheticConfig, ValidationConfig
+from schemas.rules import end_of_day, row_rules
 from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
-from tasks.privacy import deleted_users, protect, read_key
-from tasks.workspace import RecflowError, stage_key, temp_dir, write_parquet
+from tasks import privacy
+from tasks.stage import stage
+from tasks.workspace import RecflowError, code_version, reuse, stage_key, temp_dir, write_parquet
 
 log = logging.getLogger(__name__)
 
-REJECTED = "rejected_rows.parquet"  # staged beside the snapshot; validation quarantines it
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens"
 MOVIELENS_ARCHIVES = ("ml-latest-small", "ml-latest", "ml-20m", "ml-25m", "ml-32m")
 
 
-def ingest(
-    source: str,
-    run_date: dt.date,
-    workspace: Path,
-    synthetic: SyntheticConfig,
-    seed: int,
-    validation: ValidationConfig | None = None,
-    privacy: PrivacyConfig | None = None,
-) -> Snapshot:
-    """Read `source`, normalise it and stage it as parquet; return the staged snapshot.
+def ingest(run: Run) -> Snapshot:
+    """Read the run's source, normalise it and stage it as parquet; return the staged
+    snapshot (or the published one, when an earlier run of this date validated the same
+    input under the same settings and code).
 
     Before anything is written, users on `privacy.deleted_users` lose all their events and,
     with `privacy.key_file`, user ids become pseudonyms (tasks/privacy.py). With
-    `validation.max_bad_row_fraction` above zero, rows that break a row-level rule are
-    staged apart (REJECTED, with a reason each) for validation to quarantine.
+    `validation.max_bad_row_fraction` above zero, rows that break a row rule
+    (schemas/rules.py) are staged apart (`Snapshot.rejected`, with a reason each) for
+    validation to quarantine.
     """
-    lenient = validation is not None and validation.max_bad_row_fraction > 0
-    if source == "synthetic":
-        interactions, items = generate_synthetic(synthetic, run_date, seed)
+    cfg = run.config
+    key = stage_key(
+        "snapshot", fingerprint(cfg.source, run.run_date, cfg.synthetic, cfg.seed), cfg.validation,
+        privacy.fingerprint(cfg.privacy, run.workspace), code_version(),
+    )
+    if (found := reuse(run.partition("snapshots"), key, Snapshot)) is not None:
+        return found
+    lenient = cfg.validation.max_bad_row_fraction > 0
+    if cfg.source == "synthetic":
+        interactions, items = generate_synthetic(cfg.synthetic, run.run_date, cfg.seed)
         users, origin = None, {"interactions": "synthetic", "items": "synthetic"}
     else:
-        directory = _directory(source)
+        directory = _directory(cfg.source)
         interactions, items, users = read_directory(directory, lenient)
         origin = {table: str(path) for table, path in source_files(directory).items()}
-    interactions = up_to(interactions, run_date)
-    privacy = privacy or PrivacyConfig()
-    deleted, key = deleted_users(privacy, workspace), read_key(privacy, workspace)
-    if key and users is not None:  # other user columns may identify a person (email, name): not kept
+    interactions = up_to(interactions, run.run_date)
+    deleted, secret = privacy.deleted_users(cfg.privacy, run.workspace), privacy.read_key(cfg.privacy, run.workspace)
+    if secret and users is not None:  # other user columns may identify a person (email, name): not kept
         users = users.select("user_id")
     before = interactions.height
-    interactions, users = protect(interactions, deleted, key), protect(users, deleted, key)
+    interactions, users = privacy.protect(interactions, deleted, secret), privacy.protect(users, deleted, secret)
     if deleted.len():
         log.info("privacy: %d user(s) on the deletion list; %d of their event(s) dropped", deleted.len(),
                  before - interactions.height)
-    if key:
+    if secret:
         log.info("privacy: user ids pseudonymised with the key in privacy.key_file")
-    staged = temp_dir(workspace, "snapshot")
+    staged = temp_dir(run.workspace, "snapshot")
+    snapshot = Snapshot(key=key, path=staged, source=cfg.source, n_interactions=0, n_users=0, n_items=0,
+                        has_items=items is not None, data_hash="", origin=origin)
     if lenient:
-        interactions, rejected = quarantine_rows(interactions, items, validation, origin["interactions"])
+        interactions, rejected = quarantine_rows(interactions, items, cfg.validation, run.run_date,
+                                                 origin["interactions"])
         if rejected.height:
-            write_parquet(rejected, staged / REJECTED)
-    write_parquet(interactions, staged / "interactions.parquet")
+            write_parquet(rejected, snapshot.rejected)
+    write_parquet(interactions, snapshot.interactions)
     if items is not None:
-        write_parquet(items, staged / "items.parquet")
+        write_parquet(items, snapshot.items)
     if users is not None:
         write_parquet(users, staged / "users.parquet")
-    snapshot = Snapshot(
-        path=staged,
-        source=source,
-        n_interactions=interactions.height,
-        n_users=interactions["user_id"].n_unique(),
-        n_items=interactions["item_id"].n_unique(),
-        has_items=items is not None,
-        data_hash=_hash_files(sorted(staged.glob("*.parquet"))),
-        origin=origin,
-    )
+    snapshot = snapshot.model_copy(update={
+        "n_interactions": interactions.height,
+        "n_users": interactions["user_id"].n_unique(),
+        "n_items": interactions["item_id"].n_unique(),
+        "data_hash": _hash_files(sorted(staged.glob("*.parquet"))),
+    })
     log.info(
         "ingested %s: %d interactions, %d users, %d items",
-        source, snapshot.n_interactions, snapshot.n_users, snapshot.n_items,
+        cfg.source, snapshot.n_interactions, snapshot.n_users, snapshot.n_items,
     )
     return snapshot
 
@@ -117,26 +117,15 @@ def fingerprint(source: str, run_date: dt.date, synthetic: SyntheticConfig, seed
 
 
 def quarantine_rows(
-    interactions: pl.DataFrame, items: pl.DataFrame | None, cfg: ValidationConfig, path: str
+    interactions: pl.DataFrame, items: pl.DataFrame | None, cfg: ValidationConfig, run_date: dt.date, path: str
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split off the rows that break a row-level rule, each with its reason; fail when they
-    are more than `cfg.max_bad_row_fraction` of the table."""
-    def empty(column: str) -> pl.Expr:
-        return pl.col(column).is_null() | (pl.col(column).str.strip_chars() == "")
-
-    rules = [
-        (pl.col("problem").is_not_null(), pl.col("problem")),
-        (empty("user_id"), pl.lit("empty user_id")),
-        (empty("item_id"), pl.lit("empty item_id")),
-        (pl.col("timestamp") < 0, pl.lit("negative timestamp")),
-        (pl.col("timestamp") > int(time.time()), pl.lit("timestamp in the future")),
-        (~pl.col("rating").is_between(cfg.rating_min, cfg.rating_max),
-         pl.lit(f"rating outside [{cfg.rating_min}, {cfg.rating_max}]")),
-    ]
-    if items is not None:
-        rules.append((~pl.col("item_id").is_in(items["item_id"].implode()), pl.lit("item not in the items table")))
-    reason = pl.coalesce([pl.when(rule.fill_null(False)).then(text) for rule, text in rules])
-    tagged = interactions.with_columns(reason.alias("reason")).drop("problem")
+    """Split off the rows that cannot be parsed or break a row rule (schemas/rules.py), each
+    with its reason; fail when they are more than `cfg.max_bad_row_fraction` of the table."""
+    rules = row_rules(cfg, run_date, items is not None)
+    item_ids = items["item_id"] if items is not None else None
+    reasons = [pl.when(pl.col("problem").is_not_null()).then(pl.col("problem"))]
+    reasons += [pl.when(rule.broken(item_ids)).then(pl.lit(rule.reason)) for rule in rules]
+    tagged = interactions.with_columns(pl.coalesce(reasons).alias("reason")).drop("problem")
     rejected = tagged.filter(pl.col("reason").is_not_null())
     share = rejected.height / max(tagged.height, 1)
     if share > cfg.max_bad_row_fraction:
@@ -154,7 +143,7 @@ def quarantine_rows(
 def up_to(interactions: pl.DataFrame, run_date: dt.date) -> pl.DataFrame:
     """Drop events after the run date (a backfill's future); keep those after now for
     validation to reject."""
-    cutoff = int(dt.datetime.combine(run_date + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()) - 1
+    cutoff = end_of_day(run_date)
     now = int(time.time())
     later = (pl.col("timestamp") > cutoff) & (pl.col("timestamp") <= now)
     dropped = interactions.select(later.sum()).item()
@@ -491,12 +480,7 @@ def _synthetic_items(rng: np.random.Generator, item_cluster: np.ndarray, n_categ
     )
 
 
-# --- Prefect -------------------------------------------------------------------------
-
-
-@task(name="ingest", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), RecflowError))
-def ingest_task(
-    source: str, run_date: dt.date, workspace: Path, synthetic: SyntheticConfig, seed: int, validation: ValidationConfig,
-    privacy: PrivacyConfig,
-) -> Snapshot:
-    return ingest(source, run_date, workspace, synthetic, seed, validation, privacy)
+ingest_task = stage(
+    "ingest", ingest, retries=2, retry_delay_seconds=[5, 20],
+    retry_condition_fn=lambda task, task_run, state: not isinstance(state.result(raise_on_failure=False), RecflowError),
+)

@@ -20,16 +20,13 @@ from pathlib import Path
 import polars as pl
 
 from schemas.config import PrivacyConfig
-from tasks.workspace import STAGE_RECORD, RecflowError, publish_dir, temp_dir, write_json, write_parquet
+from schemas.tables import DATED_TABLES, STAGE_RECORD, ModelDir
+from tasks.workspace import RecflowError, publish_dir, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-DATED_TABLES = ("snapshots", "quarantine", "features", "recommendations", "fallback", "similar_items")
 REWRITTEN = ("snapshots", "quarantine", "recommendations")  # rebuilt without listed users by `forget`
 FORGOTTEN = ".forgotten.json"  # which deletion list `forget` last applied to the workspace
-RECORD = "privacy.json"  # beside a model's vocabulary: the privacy settings of its training data
-
-
 
 def protect(frame: pl.DataFrame | None, deleted: pl.Series, key: bytes | None) -> pl.DataFrame | None:
     """`frame` (a table with a user_id column) without the rows of `deleted` users, its ids
@@ -115,9 +112,9 @@ def fingerprint(cfg: PrivacyConfig, workspace: Path) -> dict[str, str | None]:
             "deletion_list": hmac.new(key, listed, hashlib.sha256).hexdigest()[:16]}
 
 
-def record(vocab: Path, cfg: PrivacyConfig, workspace: Path) -> None:
+def record(models: ModelDir, cfg: PrivacyConfig, workspace: Path) -> None:
     """Note beside a model's vocabulary which privacy settings its training data had."""
-    write_json(fingerprint(cfg, workspace), vocab / RECORD)
+    write_json(fingerprint(cfg, workspace), models.privacy)
 
 
 def served(user_ids: pl.Series, cfg: PrivacyConfig, workspace: Path) -> pl.Series:
@@ -133,7 +130,7 @@ def served_id(user_id: str, key_file: Path | None) -> str:
     return pseudonym(user_id, load_key(key_file.expanduser().resolve()))
 
 
-def remembers(models: Path, cfg: PrivacyConfig, workspace: Path) -> bool:
+def remembers(models: ModelDir, cfg: PrivacyConfig, workspace: Path) -> bool:
     """Whether the models in `models` may have learned from a user now on the deletion list.
 
     Certain when their user vocabulary is at hand; when it is not, or holds other
@@ -144,20 +141,19 @@ def remembers(models: Path, cfg: PrivacyConfig, workspace: Path) -> bool:
         return False
     tonight = fingerprint(cfg, workspace)
     try:
-        trained = json.loads((models / "vocab" / RECORD).read_text())
+        trained = json.loads(models.privacy.read_text())
     except (OSError, ValueError):
         trained = {"key": None, "deletion_list": None}  # models from before privacy settings existed
     if trained.get("key") != tonight["key"]:
         return True
     if trained.get("deletion_list") == tonight["deletion_list"]:
         return False
-    vocabulary = models / "vocab" / "users.parquet"
-    if not vocabulary.exists():
+    if not models.users.exists():
         return True
-    return _holds(vocabulary, deleted)
+    return _holds(models.users, deleted)
 
 
-def forget(workspace: Path, cfg: PrivacyConfig, keep: Path) -> dict[str, int]:
+def forget(workspace: Path, cfg: PrivacyConfig, keep: ModelDir) -> dict[str, int]:
     """Remove users on the deletion list from what earlier runs left in the workspace.
 
     Snapshot, quarantine and recommendation partitions that hold them are rebuilt without
@@ -180,14 +176,16 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: Path) -> dict[str, int]:
             if any(_holds(f, deleted) for f in files):
                 _rebuild_without(directory, files, deleted, workspace)
                 rewritten += 1
-    for logged in sorted((workspace / "mlartifacts").glob("**/models/vocab/users.parquet")):  # the embedded store
+    embedded_store = workspace / "mlartifacts"
+    for logged in sorted(embedded_store.glob(f"**/models/{ModelDir.USER_VOCABULARY}")):
         if _holds(logged, deleted):
             write_parquet(pl.read_parquet(logged).filter(~pl.col("user_id").is_in(deleted.implode())), logged)
             rewritten += 1
     holders = {path.parent: path for path in (workspace / "features").glob("run_date=*/users.parquet")}
-    holders |= {path.parent.parent: path for path in (workspace / "models").glob("*/vocab/users.parquet")}
+    trained = [ModelDir(path=directory) for directory in sorted((workspace / "models").glob("*"))]
+    holders |= {models.path: models.users for models in trained if models.users.exists()}
     for directory, users in holders.items():
-        if directory != keep and _holds(users, deleted):
+        if directory != keep.path and _holds(users, deleted):
             _remove(directory, workspace)
             removed += 1
     write_json({"deletion_list": applied}, marker)

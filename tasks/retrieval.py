@@ -7,68 +7,71 @@ it. Training is next-item prediction on the `fit` split with in-batch softmax, c
 for how often each item appears as a sampled negative (log-Q), and stops early on recall
 over the `valid` split. The export is one SavedModel with two signatures, `query` and
 `candidates`, that scoring and the champion gate load without this module's classes.
+
+The stage trains into a staging models directory; the ranking stage adds the ranker and
+publishes the directory as models/<key>/, the key being the hash of the features, both
+models' config, the seed and the warm-start source.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import polars as pl
-from prefect import task
-from threadpoolctl import threadpool_limits
 
-from schemas.config import FeatureConfig, RetrievalConfig
-from schemas.tables import FeatureSet, TrainedModel
+from schemas.config import RetrievalConfig, Run
+from schemas.tables import FeatureSet, ModelDir, ModelSet, TrainedModel
+from tasks import privacy, tracking
 from tasks.features import Features, event_histories, load_features, save_vocabulary, user_histories
+from tasks.inference import N_ITEMS, as_table, model_item_map, model_user_map, retrieve, rows_of
+from tasks.metrics import ranking_metrics
+from tasks.stage import stage
+from tasks.workspace import reuse, stage_key, temp_dir
 
 log = logging.getLogger(__name__)
 
 RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
-BLOCK_SCORES = 2**23  # scores per block in `retrieve` (32 MiB of float32)
 
 
-def train_retrieval(
-    feature_set: FeatureSet,
-    models: Path,
-    cfg: RetrievalConfig,
-    features_cfg: FeatureConfig,
-    seed: int,
-    warm_from: Path | None = None,
-) -> TrainedModel:
-    """Train the two-tower model on `fit`, stop on `valid` recall; export to models/retrieval.
+def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
+    """Train the two-tower model on `fit`, stop on `valid` recall; export it to a staging
+    models directory with the vocabularies it was trained with (and the privacy settings of
+    its data). With `retrieval.warm_start`, training starts from the champion's weights.
 
-    The vocabularies the model was trained with are saved beside it, in models/vocab. With
-    `warm_from` (a models directory, the champion's) training starts from its weights.
+    When models/<key> already holds models trained from the same features, config, seed and
+    warm-start source, they are reused instead.
     """
     from tasks import towers
     from tasks.tfenv import keras, seed_everything
 
+    cfg, length = run.config.retrieval, run.config.features.history_length
+    warm = _warm_start_source(run)
+    key = stage_key("models", features.key, cfg, run.config.ranking, run.config.seed, warm.name if warm else None)
+    if (found := reuse(ModelDir.of(run.workspace, key).path, key, ModelSet)) is not None:
+        return found.retrieval.model_copy(update={"reused": True})
     started = time.perf_counter()
-    seed_everything(seed)
+    seed_everything(run.config.seed)
     strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
-    features = load_features(feature_set.path)
-    length = features_cfg.history_length
-    dataset, steps = training_batches(training_examples(features, length), cfg.batch_size, seed,
+    loaded = load_features(features.path)
+    dataset, steps = training_batches(training_examples(loaded, length), cfg.batch_size, run.config.seed,
                                       cfg.max_examples_per_epoch)
     with strategy.scope():
-        model = towers.TwoTower(features, length, cfg)
-        if warm_from is not None:
-            warm_start(model, warm_from, features)
+        model = towers.TwoTower(loaded, length, cfg)
+        if warm is not None:
+            warm_start(model, warm, loaded)
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    validation = towers.EpochMetric("val_recall", _validation_recall(features, length))
+    validation = towers.EpochMetric("val_recall", _validation_recall(loaded, length))
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_recall", mode="max", patience=cfg.patience, restore_best_weights=True
     )
     history = model.fit(dataset, epochs=cfg.max_epochs, steps_per_epoch=steps, callbacks=[validation, stopper], verbose=0)
     best = int(np.argmax(history.history["val_recall"]))
-    out = models / "retrieval"
-    export(model, out)
-    save_vocabulary(features, models / "vocab")
+    staging = ModelDir(path=temp_dir(run.workspace, "models"))
+    export(model, staging)
+    save_vocabulary(loaded, staging)
+    privacy.record(staging, run.config.privacy, run.workspace)
     metrics = {
         f"valid_recall_at_{RECALL_AT}": float(history.history["val_recall"][best]),
         "train_loss": float(history.history["loss"][best]),
@@ -76,9 +79,21 @@ def train_retrieval(
     log.info("retrieval: %d epochs, best %d, %s", len(history.history["loss"]), best + 1, metrics)
     curves = {"train loss": history.history["loss"], f"valid recall@{RECALL_AT}": history.history["val_recall"]}
     return TrainedModel(
-        path=out, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics,
+        key=key, path=staging.retrieval_path, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics,
         history={name: [float(v) for v in values] for name, values in curves.items()},
+        warm_start_from=warm.name if warm else None,
     )
+
+
+def _warm_start_source(run: Run) -> ModelDir | None:
+    """The champion's models, when `retrieval.warm_start` asks for them and the champion
+    may not have learned from a user now on the deletion list."""
+    if not run.config.retrieval.warm_start:
+        return None
+    champion = tracking.champion_models(run.workspace)
+    if champion is None or privacy.remembers(champion, run.config.privacy, run.workspace):
+        return None
+    return champion
 
 
 def distribution(cfg: RetrievalConfig):
@@ -151,7 +166,7 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
     return dataset, max(1, min(per_pass, max_examples // size))
 
 
-def warm_start(model, champion: Path, features: Features) -> int:
+def warm_start(model, champion: ModelDir, features: Features) -> int:
     """Start `model` from the retrieval weights in `champion` (a models directory).
 
     User and item id embeddings are copied row by row through the two vocabularies (ids the
@@ -160,18 +175,15 @@ def warm_start(model, champion: Path, features: Features) -> int:
     tables are left fresh: their indices are rebuilt every night. Returns the number of
     tensors copied.
     """
-    from tasks.score import index_map, model_user_map
     from tasks.tfenv import tf
 
     model.query_model({"user_idx": np.zeros(1, np.int32), "history": np.zeros((1, model.history_length), np.int32)})
-    old = tf.saved_model.load(str(champion / "retrieval")).query_model
+    old = tf.saved_model.load(str(champion.retrieval_path)).query_model
     new = model.query_model
-    vocab = champion / "vocab"
     copied = 0
     for new_table, old_table, rows in (
         (new.users.embeddings, old.users.embeddings, model_user_map(champion, features)),
-        (new.items.ids.embeddings, old.items.ids.embeddings,
-         index_map(features.items, pl.read_parquet(vocab / "items.parquet"), "item_id", "item_idx")),
+        (new.items.ids.embeddings, old.items.ids.embeddings, model_item_map(champion, features)),
     ):
         values, known = new_table.numpy(), rows > 0
         values[known] = old_table.numpy()[rows[known]]
@@ -188,100 +200,9 @@ def warm_start(model, champion: Path, features: Features) -> int:
     return copied
 
 
-def retrieve(
-    queries: np.ndarray,
-    item_embeddings: np.ndarray,
-    exclude: tuple[np.ndarray, np.ndarray],
-    n: int,
-    block: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-`n` items for each query row, in blocks of `block` rows.
-
-    `item_embeddings` row 0 is the padding item and is never returned; `exclude` holds
-    (row, item) pairs that must not be returned (items the user already interacted with).
-    Memory stays bounded whatever the sizes: by default a block holds about BLOCK_SCORES
-    scores, and two threads score blocks side by side (BLAS and numpy's partition
-    release the GIL). BLAS itself is set to one thread, for this whole process: scores
-    then never depend on how many threads BLAS has (Dask workers start with
-    OMP_NUM_THREADS=1), so a sharded run writes the same numbers as a single process.
-    """
-    _single_threaded_blas()
-    n = min(n, item_embeddings.shape[0] - 1)
-    if n <= 0:
-        return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
-    block = block or max(16, BLOCK_SCORES // item_embeddings.shape[0])
-    rows, items = exclude
-    order = np.argsort(rows, kind="stable")
-    rows, items = rows[order], items[order]
-    top_items = np.zeros((queries.shape[0], n), dtype=np.int64)
-    top_scores = np.zeros((queries.shape[0], n), dtype=np.float32)
-
-    def one_block(start: int) -> None:
-        stop = min(start + block, queries.shape[0])
-        scores = queries[start:stop] @ item_embeddings.T
-        scores[:, 0] = -np.inf
-        low, high = np.searchsorted(rows, [start, stop])
-        scores[rows[low:high] - start, items[low:high]] = -np.inf
-        part = np.argpartition(scores, -n, axis=1)[:, -n:]
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        ranked = np.argsort(-part_scores, axis=1, kind="stable")
-        top_items[start:stop] = np.take_along_axis(part, ranked, axis=1)
-        top_scores[start:stop] = np.take_along_axis(part_scores, ranked, axis=1)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(one_block, range(0, queries.shape[0], block)))
-    return top_items, top_scores
-
-
-_blas = threading.Lock()
-
-
-def _single_threaded_blas() -> None:
-    """Set BLAS to one thread, once per process (retrieve parallelises over blocks itself)."""
-    with _blas:
-        if not getattr(_single_threaded_blas, "done", False):
-            threadpool_limits(1, user_api="blas")
-            _single_threaded_blas.done = True
-
-
-class RetrievalBundle:
-    """An exported retrieval SavedModel, loaded for scoring: queries in, top-N items out."""
-
-    def __init__(self, saved_model, item_embeddings: np.ndarray):
-        self.saved_model = saved_model
-        self.item_embeddings = item_embeddings
-
-    @classmethod
-    def load(cls, path: Path) -> "RetrievalBundle":
-        from tasks.tfenv import tf
-
-        saved_model = tf.saved_model.load(str(path))
-        n_items = int(np.load(path / "n_items.npy"))
-        items = saved_model.signatures["candidates"](tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy()
-        return cls(saved_model, items)
-
-    @property
-    def history_length(self) -> int:
-        return int(self.saved_model.signatures["query"].structured_input_signature[1]["history"].shape[1])
-
-    def queries(self, user_idx: np.ndarray, history: np.ndarray, block: int = 8192) -> np.ndarray:
-        signature = self.saved_model.signatures["query"]
-        parts = [
-            signature(user_idx=user_idx[i : i + block].astype(np.int32), history=history[i : i + block].astype(np.int32))[
-                "embedding"
-            ].numpy()
-            for i in range(0, user_idx.size, block)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.item_embeddings.shape[1]), np.float32)
-
-    def retrieve(
-        self, user_idx: np.ndarray, history: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], n: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return retrieve(self.queries(user_idx, history), self.item_embeddings, exclude, n)
-
-
-def export(model, out: Path) -> None:
-    """Save both towers as one SavedModel with `query` and `candidates` signatures."""
+def export(model, models: ModelDir) -> None:
+    """Save both towers as one SavedModel with `query` and `candidates` signatures, in
+    `models.retrieval_path`, and the size of the item vocabulary beside it."""
     from tasks.tfenv import tf
 
     module = tf.Module()
@@ -297,8 +218,8 @@ def export(model, out: Path) -> None:
         return {"embedding": module.candidate_model(item_idx)}
 
     module.query, module.candidates = query, candidates
-    tf.saved_model.save(module, str(out), signatures={"query": query, "candidates": candidates})
-    np.save(out / "n_items.npy", np.int64(model.candidate_model.items.ids.input_dim - 1))
+    tf.saved_model.save(module, str(models.retrieval_path), signatures={"query": query, "candidates": candidates})
+    np.save(models.retrieval_path / N_ITEMS, np.int64(model.candidate_model.items.ids.input_dim - 1))
 
 
 # --- validation --------------------------------------------------------------------
@@ -306,8 +227,6 @@ def export(model, out: Path) -> None:
 
 def _validation_recall(features: Features, length: int):
     """A function of the model: recall@RECALL_AT of `valid` items, querying with `fit` history."""
-    from tasks.evaluate import ranking_metrics
-
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
     users = features.sampled(np.unique(valid["user_idx"].to_numpy()))
@@ -327,32 +246,4 @@ def _validation_recall(features: Features, length: int):
     return recall
 
 
-def rows_of(users: np.ndarray, events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(row in `users`, item) for the events of the users listed in sorted `users`."""
-    event_users = events["user_idx"].to_numpy()
-    row = np.minimum(np.searchsorted(users, event_users), max(users.size - 1, 0))
-    known = users[row] == event_users if users.size else np.zeros(event_users.size, bool)
-    return row[known], events["item_idx"].to_numpy()[known]
-
-
-def as_table(users: np.ndarray, top: np.ndarray) -> pl.DataFrame:
-    k = top.shape[1]
-    return pl.DataFrame(
-        {
-            "user": np.repeat(users, k),
-            "item": top.ravel(),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), users.size),
-        }
-    )
-
-
-@task(name="train_retrieval")
-def train_retrieval_task(
-    feature_set: FeatureSet,
-    models: Path,
-    cfg: RetrievalConfig,
-    features_cfg: FeatureConfig,
-    seed: int,
-    warm_from: Path | None = None,
-) -> TrainedModel:
-    return train_retrieval(feature_set, models, cfg, features_cfg, seed, warm_from)
+train_retrieval_task = stage("train_retrieval", train_retrieval)

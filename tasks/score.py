@@ -1,249 +1,48 @@
 """Batch scoring and publishing: every user's top-K list, written whole or not at all.
 
-Seventh and last stages of the nightly DAG. `recommend` is the one path from a model
-directory (retrieval + ranking SavedModels and their vocabularies) to ranked lists: it
-maps tonight's ids into the model's vocabulary, so a champion trained on an earlier
-night scores tonight's users just as a fresh model does. The evaluation stage uses the
-same function on the held-out split. `prepare` makes the temp directory of tonight's
-partition with what every shard shares; `score_shard` writes one range of users' part of
-DESIGN.md's output table there (shards may run on Dask workers); `publish` renames it
-into recommendations/run_date=.../.
+Seventh and eighth stages of the nightly DAG. `prepare` makes the staging directory of
+tonight's partition with what every shard shares (the co-occurrence similarity of
+tonight's histories); `score_shard` writes one range of users' part of the output table
+there with `tasks.lists.recommend` (shards may run on Dask workers); `publish` renames the
+directory into recommendations/run_date=.../ with its manifest. When the partition
+already holds the lists of the same features, models, champion decision and list
+settings, all three reuse it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from prefect import task
 
-from schemas.config import ListConfig
-from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable
-from tasks.features import MAX_CATEGORIES, Features, load_features, padded, user_histories
-from tasks.ranking import candidate_features, cooccurrence, item_similarity
-from tasks.retrieval import RetrievalBundle
-from tasks.workspace import RecflowError, partition, publish_dir, stamp, temp_dir, write_json, write_parquet
+from schemas.config import Run
+from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable, ScoredShard, ScoringJob
+from tasks.features import load_features
+from tasks.lists import USERS_PER_BLOCK, history_similarity, recommend
+from tasks.stage import stage
+from tasks.workspace import publish_dir, reuse, stage_key, stamp, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-USERS_PER_BLOCK = 1024
 SHARED = "_similarity.npz"  # scoring's shared input, removed before publishing
-RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
-               "retrieval_score": pl.Float32, "because_item_id": pl.String, "reason": pl.String}
 
 
-def recommend(
-    models: Path,
-    features: Features,
-    users: np.ndarray,
-    history: pl.DataFrame,
-    n_candidates: int,
-    k: int,
-    similarity: sp.csr_matrix | None = None,
-    lists: ListConfig = ListConfig(),
-) -> pl.DataFrame:
-    """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`, each
-    recommendation explained by the history item most like it.
-
-    `history` holds the events (tonight's indices, sorted by user and time) that form each
-    user's sequence and that are never recommended again; `similarity` is
-    `history_similarity(models, features, history)` when the caller already has it. With
-    `lists.diversity` above 0 the list is chosen from the ranked candidates by maximal
-    marginal relevance over item categories (`diversify`), and `score` is that choice's
-    objective; then the last `lists.new_item_slots` positions go to new items
-    (`make_room_for_new_items`). Users are scored USERS_PER_BLOCK at a time, in the order
-    given. Returns one row per (user, rank) with the columns of RECS_SCHEMA.
-    """
-    from tasks.tfenv import tf
-
-    vocab = models / "vocab"
-    user_map = model_user_map(models, features)
-    item_map = _item_map(models, features)
-    model_items = pl.read_parquet(vocab / "items.parquet", columns=["item_id", "item_idx", "title", "categories_idx"])
-    model_items = model_items.sort("item_idx")
-    item_ids = np.concatenate([[None], model_items["item_id"].to_numpy()]).astype(object)
-    titles = np.concatenate([[None], model_items["title"].fill_null(model_items["item_id"]).to_numpy()]).astype(object)
-    categories = padded(model_items["categories_idx"], MAX_CATEGORIES)
-    popularity = np.load(vocab / "item_popularity.npy")
-    new = np.zeros(item_ids.size, dtype=bool)  # in tonight's catalogue, nobody has interacted with them yet
-    new[item_map[features.items.filter(pl.col("popularity") == 0)["item_idx"].to_numpy()]] = True
-    new[0] = False
-    retrieval = RetrievalBundle.load(models / "retrieval")
-    unit = retrieval.item_embeddings / np.maximum(np.linalg.norm(retrieval.item_embeddings, axis=1, keepdims=True), 1e-12)
-    ranker = tf.saved_model.load(str(models / "ranking")).signatures["score"]
-    histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
-    activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
-    seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
-    if similarity is None:
-        similarity = history_similarity(models, features, history)
-    n_candidates = max(n_candidates, k)
-    frames = []
-    for start in range(0, users.size, USERS_PER_BLOCK):
-        block = np.sort(users[start : start + USERS_PER_BLOCK])
-        exclude = _pairs_in(block, seen_users, seen_items)
-        candidates, scores = retrieval.retrieve(user_map[block], histories[block], exclude, n_candidates)
-        # Users who have seen nearly the whole catalogue get fewer real candidates than N.
-        real = np.isfinite(scores)
-        scores = np.where(real, scores, np.min(scores, where=real, initial=0.0))
-        together = cooccurrence(similarity, histories[block], candidates)
-        inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block], together)
-        ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
-        ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
-        if lists.diversity > 0:
-            order, final = diversify(ranked, categories[candidates], k, lists.diversity)
-        else:
-            order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
-            final = np.take_along_axis(ranked, order, axis=1)
-        order, placed = make_room_for_new_items(order, new[candidates] & real, lists.new_item_slots)
-        top = np.take_along_axis(candidates, order, axis=1)
-        because, closeness = explain(unit, top, histories[block])
-        width = top.shape[1]
-        frames.append(
-            pl.DataFrame(
-                {
-                    "user_idx": np.repeat(block, width).astype(np.int32),
-                    "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
-                    "item_id": item_ids[top.ravel()],
-                    "score": final.ravel().astype(np.float32),
-                    "retrieval_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
-                    "because_item_id": item_ids[because.ravel()],
-                    "because_title": titles[because.ravel()],
-                    "similarity": np.char.mod("%.2f", closeness.ravel()),
-                    "new": placed.ravel(),
-                },
-                schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
-            )
-        )
-    recs = pl.concat(frames) if frames else pl.DataFrame(
-        schema=RECS_SCHEMA | {"because_title": pl.String, "similarity": pl.String, "new": pl.Boolean}
-    )
-    reason = (
-        pl.when(pl.col("because_item_id").is_null())
-        .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
-        .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title", "similarity"))
-    )
-    reason = pl.when(pl.col("new")).then(pl.lit("new in the catalogue; ") + reason).otherwise(reason)
-    return recs.filter(pl.col("score").is_finite()).with_columns(reason.alias("reason")).select(RECS_SCHEMA.keys())
-
-
-def make_room_for_new_items(order: np.ndarray, new: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Give the last `slots` positions of each list (`order`: positions in the candidate
-    rows) to the best-retrieved new items among that user's candidates (`new`, a mask over
-    the candidate rows, which are in retrieval order) that the list lacks. Positions stay
-    where there is no such item, and each keeps its score, so scores stay non-increasing.
-    Returns the new order and a mask of the positions given to new items."""
-    order = order.copy()
-    placed = np.zeros(order.shape, dtype=bool)
-    slots = min(slots, order.shape[1])
-    if slots == 0 or not new.any():
-        return order, placed
-    rows = np.arange(order.shape[0])
-    left = new.copy()
-    left[rows[:, None], order] = False  # already in the list
-    for position in range(order.shape[1] - slots, order.shape[1]):
-        best = left.argmax(axis=1)
-        found = left[rows, best]
-        order[found, position] = best[found]
-        placed[found, position] = True
-        left[rows[found], best[found]] = False
-    return order, placed
-
-
-def diversify(relevance: np.ndarray, categories: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """Maximal marginal relevance: pick `k` of each row's candidates one at a time, each the
-    best by (1 - weight) * relevance - weight * (its largest category similarity to the
-    items already picked). Returns (positions in the row, the objective at each pick).
-
-    `relevance` (users, candidates) is the ranker's score, -inf where there is no candidate;
-    it is rescaled to [0, 1] per user. `categories` (users, candidates, C) holds category
-    indices (0 = none); similarity is the cosine of two items' category sets, and items
-    without categories count as one category of their own (else they would always look
-    new). The objective never increases from one pick to the next, so it serves as the
-    list's score.
-    """
-    users, n = relevance.shape
-    real = np.isfinite(relevance)
-    low = np.min(relevance, axis=1, where=real, initial=np.inf, keepdims=True)
-    high = np.max(relevance, axis=1, where=real, initial=-np.inf, keepdims=True)
-    scaled = np.where(real, (relevance - low) / np.where(high > low, high - low, 1.0), -np.inf)
-    categories = categories.copy()
-    categories[..., 0] = np.where((categories > 0).any(-1), categories[..., 0], -1)  # -1: "no category"
-    sizes = (categories != 0).sum(-1)
-    rows = np.arange(users)
-    penalty = np.zeros((users, n))
-    picks = np.zeros((users, min(k, n)), dtype=np.int64)
-    values = np.full((users, min(k, n)), -np.inf)
-    for step in range(picks.shape[1]):
-        objective = np.where(real, (1 - weight) * scaled - weight * penalty, -np.inf)
-        pick = objective.argmax(axis=1)
-        picks[:, step], values[:, step] = pick, objective[rows, pick]
-        real[rows, pick] = False
-        chosen = categories[rows, pick]
-        shared = ((categories[:, :, :, None] == chosen[:, None, None, :]) & (chosen[:, None, None, :] != 0)).sum((2, 3))
-        similarity = shared / np.sqrt(np.maximum(sizes * sizes[rows, pick][:, None], 1))
-        penalty = np.maximum(penalty, similarity)
-    return picks, values
-
-
-def explain(unit_items: np.ndarray, top: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each recommended item in `top` (users, k), the item of the user's `history`
-    (users, L; model indices, 0 = padding) whose candidate-tower embedding is most similar
-    (cosine; `unit_items` are the normalised embeddings) and that similarity. The item is
-    0 and the similarity NaN when the history holds no item the model knows."""
-    similarity = np.einsum("ukd,uld->ukl", unit_items[top], unit_items[history])
-    similarity = np.where(history[:, None, :] > 0, similarity, -np.inf)
-    best = similarity.argmax(axis=-1)
-    because = np.take_along_axis(history, best, axis=1)
-    closeness = np.take_along_axis(similarity, best[..., None], axis=-1)[..., 0]
-    return because, np.where(because > 0, closeness, np.nan).astype(np.float32)
-
-
-def history_similarity(models: Path, features: Features, history: pl.DataFrame) -> sp.csr_matrix:
-    """The item co-occurrence similarity of `history`, in the models' item indices: what
-    `recommend` re-ranks with; computed once and shared by all scoring shards."""
-    n_items = pl.read_parquet(models / "vocab" / "items.parquet", columns=["item_idx"]).height
-    items = _item_map(models, features)[history["item_idx"].to_numpy()]
-    return item_similarity(history["user_idx"].to_numpy(), items, n_items)
-
-
-def model_user_map(models: Path, features: Features) -> np.ndarray:
-    """Tonight's user_idx -> the models' user_idx (0 for users the models never saw)."""
-    return index_map(features.users, pl.read_parquet(models / "vocab" / "users.parquet"), "user_id", "user_idx")
-
-
-def _item_map(models: Path, features: Features) -> np.ndarray:
-    return index_map(features.items, pl.read_parquet(models / "vocab" / "items.parquet"), "item_id", "item_idx")
-
-
-def index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:
-    """Array mapping tonight's index -> the model's index (0 where the model never saw the id)."""
-    joined = tonight.select(id_column, idx_column).join(
-        model_vocab.select(id_column, pl.col(idx_column).alias("model_idx")), on=id_column, how="left"
-    )
-    mapping = np.zeros(tonight.height + 1, dtype=np.int32)
-    mapping[joined[idx_column].to_numpy()] = joined["model_idx"].fill_null(0).to_numpy()
-    return mapping
-
-
-def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row in sorted `block`, item) for events of users in `block`, unknown items dropped."""
-    row = np.minimum(np.searchsorted(block, users), block.size - 1)
-    keep = (block[row] == users) & (items > 0)
-    return row[keep], items[keep]
-
-
-def prepare(feature_set: FeatureSet, decision: ChampionDecision, workspace: Path) -> Path:
-    """A temp directory for tonight's partition, holding what every shard shares (the
+def prepare(run: Run, features: FeatureSet, decision: ChampionDecision) -> ScoringJob:
+    """A staging directory for tonight's partition, holding what every shard shares (the
     co-occurrence similarity of tonight's histories, in the scoring models' indices)."""
-    features = load_features(feature_set.path)
-    staged = temp_dir(workspace, "recommendations")
-    sp.save_npz(staged / SHARED, history_similarity(decision.models_path, features, features.events), compressed=False)
-    return staged
+    cfg = run.config
+    key = stage_key("recommendations", features.key, decision.models.name, decision.model_version,
+                    decision.mlflow_run_id, cfg.top_k, cfg.retrieval.candidates, cfg.lists)
+    job = ScoringJob(key=key, path=run.partition("recommendations"), features=features, decision=decision)
+    if reuse(job.path, key, PublishedTable) is not None:
+        return job.model_copy(update={"reused": True})
+    loaded = load_features(features.path)
+    staged = temp_dir(run.workspace, "recommendations")
+    sp.save_npz(staged / SHARED, history_similarity(decision.models, loaded, loaded.events), compressed=False)
+    return job.model_copy(update={"path": staged})
 
 
 def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
@@ -255,22 +54,23 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
     return np.arange(blocks[0] * USERS_PER_BLOCK, min((blocks[-1] + 1) * USERS_PER_BLOCK, n_users)) + 1
 
 
-def score_shard(
-    feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
-    shard: int, shards: int, lists: ListConfig = ListConfig(),
-) -> int:
-    """Write the top-`k` lists of one user range, as DESIGN.md's output table, to
-    staged/part-<shard>.parquet; return its rows. Shards may run on other workers."""
-    features = load_features(feature_set.path)
-    users = shard_users(features.n_users, shard, shards)
+def score_shard(run: Run, job: ScoringJob, shard: int) -> ScoredShard:
+    """Write the top-K lists of one user range (shard `shard` of `shards`), as the output
+    table, to the job's staging directory as part-<shard>.parquet."""
+    if job.reused:
+        return ScoredShard(key=job.key, shard=shard, rows=0, reused=True)
+    cfg, decision = run.config, job.decision
+    features = load_features(job.features.path)
+    users = shard_users(features.n_users, shard, cfg.shards)
     if users.size == 0:  # more shards than blocks of users
-        return 0
-    similarity = sp.load_npz(staged / SHARED)
-    recs = recommend(decision.models_path, features, users, features.events, n_candidates, k, similarity, lists)
+        return ScoredShard(key=job.key, shard=shard, rows=0)
+    similarity = sp.load_npz(job.path / SHARED)
+    recs = recommend(decision.models, features, users, features.events, cfg.retrieval.candidates, cfg.top_k,
+                     similarity, cfg.lists)
     table = (
         recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
         .with_columns(
-            pl.lit(run_date).alias("run_date"),
+            pl.lit(run.run_date).alias("run_date"),
             pl.lit(decision.model_version).alias("model_version"),
             pl.lit(decision.mlflow_run_id).alias("mlflow_run_id"),
         )
@@ -278,63 +78,32 @@ def score_shard(
         .select(RECOMMENDATIONS.names())
         .cast(dict(RECOMMENDATIONS))
     )
-    write_parquet(table, staged / f"part-{shard:05d}.parquet")
-    log.info("scored shard %d of %d in process %d: %d users, %d rows", shard + 1, shards, os.getpid(), users.size,
+    write_parquet(table, job.path / f"part-{shard:05d}.parquet")
+    log.info("scored shard %d of %d in process %d: %d users, %d rows", shard + 1, cfg.shards, os.getpid(), users.size,
              table.height)
-    return table.height
+    return ScoredShard(key=job.key, shard=shard, rows=table.height)
 
 
-def publish(staged: Path, workspace: Path, run_date: dt.date, manifest: dict, key: str) -> PublishedTable:
+def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -> PublishedTable:
     """Move the scored partition into place atomically, with a manifest beside the parts
-    and its cache `key`."""
-    (staged / SHARED).unlink(missing_ok=True)
-    table = pl.read_parquet(staged / "*.parquet")
-    published = PublishedTable(
-        path=partition(workspace, "recommendations", run_date), rows=table.height, users=table["user_id"].n_unique()
-    )
-    write_json(manifest | published.model_dump(mode="json"), staged / "_manifest.json")
-    stamp(staged, key, published)
-    publish_dir(staged, published.path)
+    (tonight's MLflow run, the model version that scored) and its stage record."""
+    target = run.partition("recommendations")
+    if job.reused:
+        return reuse(target, job.key, PublishedTable)
+    log.info("scored %d shard(s): %d rows (flow process %d)", len(shards), sum(s.rows for s in shards), os.getpid())
+    (job.path / SHARED).unlink(missing_ok=True)
+    table = pl.read_parquet(job.path / "*.parquet")
+    published = PublishedTable(key=job.key, path=target, rows=table.height, users=table["user_id"].n_unique())
+    manifest = {"run_date": run.run_date.isoformat(), "mlflow_run_id": run_id,
+                "model_version": job.decision.model_version}
+    write_json(manifest | published.model_dump(mode="json", include={"path", "rows", "users"}),
+               job.path / "_manifest.json")
+    stamp(job.path, published)
+    publish_dir(job.path, target)
     log.info("published %s (%d rows, %d users)", published.path, published.rows, published.users)
     return published
 
 
-def user_list(workspace: Path, user_id: str, run_date: dt.date | None = None) -> pl.DataFrame:
-    """One user's published list (latest run date unless given), with item titles and the
-    title of the history item that explains each recommendation."""
-    root = workspace / "recommendations"
-    dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
-    if not dates:
-        raise RecflowError(f"no recommendations under {root}; run `recflow run` first")
-    day = run_date.isoformat() if run_date else dates[-1]
-    if day not in dates:
-        raise RecflowError(f"no recommendations for run date {day} under {root} (latest: {dates[-1]})")
-    table = pl.read_parquet(root / f"run_date={day}" / "*.parquet").filter(pl.col("user_id") == user_id)
-    if table.is_empty():
-        raise RecflowError(f"user {user_id!r} has no list on {day}: not in that run's input")
-    items = partition(workspace, "snapshots", dt.date.fromisoformat(day)) / "items.parquet"
-    titles = (pl.read_parquet(items, columns=["item_id", "title"]) if items.exists()
-              else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String}))
-    table = table.join(titles, on="item_id", how="left").join(
-        titles.rename({"item_id": "because_item_id", "title": "because_title"}), on="because_item_id", how="left"
-    )
-    return table.sort("rank").select("rank", "item_id", "title", "score", "reason", "because_item_id",
-                                     "because_title", "run_date", "model_version")
-
-
-@task(name="prepare_scoring")
-def prepare_task(feature_set: FeatureSet, decision: ChampionDecision, workspace: Path) -> Path:
-    return prepare(feature_set, decision, workspace)
-
-
-@task(name="score_shard", task_run_name="score_shard-{shard}")
-def score_shard_task(
-    feature_set: FeatureSet, decision: ChampionDecision, staged: Path, run_date: dt.date, n_candidates: int, k: int,
-    shard: int, shards: int, lists: ListConfig,
-) -> int:
-    return score_shard(feature_set, decision, staged, run_date, n_candidates, k, shard, shards, lists)
-
-
-@task(name="publish")
-def publish_task(staged: Path, workspace: Path, run_date: dt.date, manifest: dict, key: str) -> PublishedTable:
-    return publish(staged, workspace, run_date, manifest, key)
+prepare_scoring_task = stage("score", prepare)
+score_shard_task = stage("score_shard", score_shard, task_run_name="score_shard-{shard}")
+publish_task = stage("publish", publish)

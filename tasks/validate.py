@@ -17,12 +17,11 @@ import warnings
 from pathlib import Path
 
 import polars as pl
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
 
-from schemas.tables import Snapshot
-from tasks.ingest import REJECTED
-from tasks.workspace import STAGE_RECORD, RecflowError, partition, publish_dir, stamp, temp_dir, write_json
+from schemas.config import Run, ValidationConfig
+from schemas.tables import STAGE_RECORD, Snapshot
+from tasks.stage import stage
+from tasks.workspace import RecflowError, publish_dir, reuse, stamp, temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +34,15 @@ class ValidationFailed(RecflowError):
         self.failures = failures
 
 
-def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: str) -> tuple[Snapshot, list[dict]]:
-    """Validate the staged snapshot; publish it (stamped with its cache `key`), or
-    quarantine it and raise ValidationFailed."""
-    report_dir = snapshot.path / "validation"
-    failures = run_suites(snapshot, run_date, cfg, report_dir, previous_volume(workspace, run_date))
+def validate(run: Run, snapshot: Snapshot) -> Snapshot:
+    """Validate the staged snapshot and publish it; or quarantine it and raise
+    ValidationFailed. A snapshot an earlier run of this date already validated (same key)
+    is reused as it is."""
+    if (found := reuse(run.partition("snapshots"), snapshot.key, Snapshot)) is not None:
+        return found
+    failures = run_suites(snapshot, run.run_date, run.config.validation, previous_volume(run.workspace, run.run_date))
     if failures:
-        target = partition(workspace, "quarantine", run_date)
+        target = run.partition("quarantine")
         write_json(failures, snapshot.path / "reasons.json")
         publish_dir(snapshot.path, target)
         lines = [f"{f['file']}: {f['expectation']}({f['column']}): {f['detail']}" for f in failures]
@@ -49,15 +50,14 @@ def validate(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: s
             f"validation failed, {len(failures)} expectation(s) broken (details in {target}): " + "; ".join(lines),
             failures,
         )
-    rejected = snapshot.path / REJECTED
-    if rejected.exists():  # rows set apart by ingestion's bad-row policy, each with its reason
-        staging = temp_dir(workspace, "quarantine")
-        os.rename(rejected, staging / "rows.parquet")
-        publish_dir(staging, partition(workspace, "quarantine", run_date))
-    published = snapshot.model_copy(update={"path": partition(workspace, "snapshots", run_date)})
-    stamp(snapshot.path, key, published)
+    if snapshot.rejected.exists():  # rows set apart by ingestion's bad-row policy, each with its reason
+        staging = temp_dir(run.workspace, "quarantine")
+        os.rename(snapshot.rejected, staging / "rows.parquet")
+        publish_dir(staging, run.partition("quarantine"))
+    published = snapshot.model_copy(update={"path": run.partition("snapshots")})
+    stamp(snapshot.path, published)
     publish_dir(snapshot.path, published.path)
-    return published, failures
+    return published
 
 
 def previous_volume(workspace: Path, run_date: dt.date) -> tuple[dt.date, int] | None:
@@ -76,9 +76,10 @@ def previous_volume(workspace: Path, run_date: dt.date) -> tuple[dt.date, int] |
 
 
 def run_suites(
-    snapshot: Snapshot, run_date: dt.date, cfg, report_dir: Path, previous: tuple[dt.date, int] | None = None
+    snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, previous: tuple[dt.date, int] | None = None
 ) -> list[dict]:
-    """Run every suite on the snapshot; write results and Data Docs; return the failures."""
+    """Run every suite on the snapshot; write results and Data Docs beside it
+    (`Snapshot.validation`); return the failures."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
@@ -93,7 +94,8 @@ def run_suites(
         site_config={
             "class_name": "SiteBuilder",
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir / "docs")},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(snapshot.validation / "docs")},
         },
     )
     source = context.data_sources.add_pandas(name="snapshot")
@@ -119,7 +121,7 @@ def run_suites(
         )
         frame_pd = frame.to_pandas(use_pyarrow_extension_array=True)
         result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame_pd}).run_results.values()))
-        write_json(result.to_json_dict(), report_dir / f"{name}.json")
+        write_json(result.to_json_dict(), snapshot.validation / f"{name}.json")
         failures += [_describe(r, snapshot.origin.get(name, name)) for r in result.results if not r.success]
     log.info("validation: %d failed expectation(s)", len(failures))
     return failures
@@ -173,11 +175,17 @@ def summary_markdown(failures: list[dict], snapshot: Snapshot) -> str:
     return "\n".join(lines)
 
 
-@task(name="validate")
-def validate_task(snapshot: Snapshot, workspace: Path, run_date: dt.date, cfg, key: str) -> Snapshot:
+def _validate_and_report(run: Run, snapshot: Snapshot) -> Snapshot:
+    """`validate`, with its summary as the run's `validation` artifact in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact
+
     try:
-        published, _ = validate(snapshot, workspace, run_date, cfg, key)
+        published = validate(run, snapshot)
     except ValidationFailed as error:
         create_markdown_artifact(summary_markdown(error.failures, snapshot), key="validation", description="GE gate")
         raise
+    create_markdown_artifact(summary_markdown([], published), key="validation", description="GE gate")
     return published
+
+
+validate_task = stage("validate", _validate_and_report)

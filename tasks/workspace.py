@@ -5,9 +5,9 @@ written under a temp name, fsynced, then renamed into place, so a reader sees a 
 partition whole or not at all.
 
 Stage outputs are cached by content: a stage stamps its output directory with the hash
-of everything the output was computed from (`stage_key`: the input's key, the config, the
-code version), and a later run whose key matches `reuse`s the output instead of
-recomputing it.
+of everything the output was computed from (`stage_key`: the upstream record's key, the
+config sections it reads, the code version), and a later run whose key matches `reuse`s
+the output instead of recomputing it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 from typing import TypeVar
@@ -28,8 +28,12 @@ from typing import TypeVar
 import polars as pl
 from pydantic import BaseModel
 
-Record = TypeVar("Record", bound=BaseModel)
-STAGE_RECORD = "_stage.json"
+from schemas.tables import STAGE_RECORD, StageRecord
+
+log = logging.getLogger(__name__)
+
+Record = TypeVar("Record", bound=StageRecord)
+PACKAGES = ("flows", "tasks", "schemas")  # the shipped source: every file of these is part of the code version
 
 
 class RecflowError(Exception):
@@ -68,10 +72,6 @@ def locked(workspace: Path):
         handle.close()
 
 
-def partition(workspace: Path, table: str, run_date: dt.date) -> Path:
-    return workspace / table / f"run_date={run_date.isoformat()}"
-
-
 def temp_dir(workspace: Path, name: str) -> Path:
     """A fresh directory under workspace/.tmp, on the same filesystem as the outputs."""
     path = workspace / ".tmp" / f"{name}-{uuid.uuid4().hex[:12]}"
@@ -91,31 +91,43 @@ def stage_key(*parts: object) -> str:
 
 
 def reuse(path: Path, key: str, record_type: type[Record]) -> Record | None:
-    """The record a stage left in `path` when it was computed from `key`; None otherwise."""
+    """The record a stage left in `path` when it was computed from `key`, marked reused and
+    pointing at `path` (a workspace may have moved since); None otherwise."""
     try:
         stored = json.loads((path / STAGE_RECORD).read_text())
     except (OSError, ValueError):
         return None
-    return record_type.model_validate(stored["record"]) if stored.get("key") == key else None
+    if stored.get("key") != key:
+        return None
+    log.info("reused %s (same input, config and code: key %s)", path, key)
+    found = record_type.model_validate(stored["record"]).model_copy(update={"reused": True})
+    return found.model_copy(update={"path": path}) if "path" in record_type.model_fields else found
 
 
-def stamp(directory: Path, key: str, record: BaseModel) -> None:
-    """Record in an output directory which key produced it (see `reuse`)."""
-    write_json({"key": key, "record": record.model_dump(mode="json")}, directory / STAGE_RECORD)
+def stamp(directory: Path, record: StageRecord) -> None:
+    """Record in an output directory which key produced it, and the stage's record (see `reuse`)."""
+    payload = {"key": record.key, "record": record.model_dump(mode="json", exclude={"reused", "seconds"})}
+    write_json(payload, directory / STAGE_RECORD)
 
 
 @functools.cache
 def code_version() -> str:
-    """Package version plus git commit when run from a checkout; part of every cache key."""
-    from importlib.metadata import version
+    """The package version and a hash of every source file it ships; part of every cache key.
 
+    The hash reads the files themselves, so an edit changes it whether or not it is
+    committed, and a deployed copy without git history (a Docker image) changes it too.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(file for package in PACKAGES for file in (root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{version('recflow')}+{sha}" if sha else version("recflow")
+        release = version("recflow")
+    except PackageNotFoundError:
+        release = "unreleased"
+    return f"{release}+{digest.hexdigest()[:12]}"
 
 
 def publish_dir(staged: Path, target: Path) -> Path:

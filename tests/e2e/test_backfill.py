@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from schemas.config import PipelineConfig, SyntheticConfig
 from tasks.ingest import generate_synthetic
-from tests.e2e.test_nightly import ROOT
+from tests.conftest import ROOT
 
 SMALL = SyntheticConfig(n_users=150, n_items=250, n_clusters=5, events_per_user=30, n_categories=8)
 LAST_DAY = dt.date(2026, 11, 1)

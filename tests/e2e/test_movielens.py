@@ -1,4 +1,4 @@
-"""The pipeline on the real MovieLens data (../shared/datasets/ml-latest-small), through the CLI."""
+"""The pipeline on the real MovieLens data (ml-latest-small under RECFLOW_DATASETS), through the CLI."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from tests.conftest import ML_LATEST_SMALL
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(ML_LATEST_SMALL).is_dir(), reason="ml-latest-small not present"),
+    pytest.mark.skipif(not ML_LATEST_SMALL.is_dir(), reason=f"{ML_LATEST_SMALL} not present"),
 ]
 
 
 def test_recflow_run_on_ml_latest_small_lists_every_user(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--source", ML_LATEST_SMALL, "--workspace", str(tmp_path),
+        [sys.executable, "-m", "flows.cli", "run", "--source", str(ML_LATEST_SMALL), "--workspace", str(tmp_path),
          "--run-date", "2026-11-27"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600,
     )

@@ -1,30 +1,31 @@
-"""The real nightly flow, end to end, on small synthetic data (Prefect, GE, TFRS, MLflow all real)."""
+"""The real nightly flow, end to end, on small synthetic data (Prefect, GE, TFRS, MLflow all real).
+
+One run (`nightly_run`) is shared by the tests that only read what it wrote. A test that
+runs the flow again does so in its own copy of that workspace (`copy_of_run`), so no test
+changes what another one asserts on.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import re
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from schemas.config import PipelineConfig, SyntheticConfig
 from schemas.tables import RECOMMENDATIONS
 from tasks.ingest import generate_synthetic
-
-RUN_DATE = dt.date(2026, 11, 20)
-SMALL = SyntheticConfig(n_users=250, n_items=400, n_clusters=6, events_per_user=40, n_categories=12)
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import RUN_DATE, SMALL, cli, small_config
 
 
-def small_config(workspace: Path, **changes) -> PipelineConfig:
-    values = {"workspace": str(workspace), "run_date": RUN_DATE, "top_k": 10, "synthetic": SMALL,
-              "retrieval": {"max_epochs": 8, "batch_size": 512}}
-    return PipelineConfig(**(values | changes))
+def mlflow_client(workspace: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,23 @@ def nightly_run(prefect_server, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("workspace")
     summary = nightly(small_config(workspace))
     return workspace, summary
+
+
+@pytest.fixture
+def copy_of_run(nightly_run, tmp_path):
+    """A copy of the shared run's workspace, and the config of a run in it.
+
+    The copy's runs track into their own MLflow experiment: the copied experiment would
+    keep storing its artifacts in the original workspace.
+    """
+    workspace, summary = nightly_run
+    copy = tmp_path / "workspace"
+    shutil.copytree(workspace, copy)
+
+    def config(**changes):
+        return small_config(copy, mlflow_experiment="recflow-copy", **changes)
+
+    return copy, summary, config
 
 
 def test_output_table_follows_the_contract(nightly_run):
@@ -57,11 +75,8 @@ def test_output_table_follows_the_contract(nightly_run):
 
 
 def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
-    from mlflow.tracking import MlflowClient
-
     workspace, summary = nightly_run
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = mlflow_client(workspace)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     for metric in ("ndcg_at_10", "recall_at_10", "map_at_10", "hitrate_at_10", "mrr_at_10", "coverage_at_10",
@@ -84,15 +99,16 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
 def test_every_recommendation_is_explained_by_the_most_similar_item_of_the_users_recent_history(nightly_run):
     import numpy as np
 
+    from schemas.tables import ModelDir
     from tasks.features import load_features, user_histories
-    from tasks.retrieval import RetrievalBundle
+    from tasks.inference import RetrievalBundle
 
     workspace, summary = nightly_run
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert table["because_item_id"].null_count() == 0 and table["reason"].str.starts_with("similar to ").all()
     features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
-    models = workspace / "models" / summary["model_key"]  # the run's own models: tonight's vocabulary
-    bundle = RetrievalBundle.load(models / "retrieval")
+    models = ModelDir.of(workspace, summary["model_key"])  # the run's own models: tonight's vocabulary
+    bundle = RetrievalBundle.load(models)
     unit = bundle.item_embeddings / np.maximum(np.linalg.norm(bundle.item_embeddings, axis=1, keepdims=True), 1e-12)
     recent = user_histories(features.events, features.n_users, bundle.history_length)
     item_idx = dict(zip(features.items["item_id"], features.items["item_idx"]))
@@ -134,17 +150,17 @@ def test_retrieval_and_ranking_beat_popularity_on_planted_structure(nightly_run)
     assert summary["retrieval_ndcg_at_10"] > summary["popularity_ndcg_at_10"]
 
 
-def test_validation_failure_stops_the_run_and_keeps_the_earlier_partition(nightly_run, tmp_path):
+def test_validation_failure_stops_the_run_and_keeps_the_earlier_partition(copy_of_run, tmp_path):
     from flows.nightly import nightly
     from tasks.validate import ValidationFailed
 
-    workspace, summary = nightly_run
+    workspace, _, config = copy_of_run
     earlier = workspace / "recommendations" / f"run_date={RUN_DATE}"
     before = _checksums(earlier)
     broken_date = RUN_DATE + dt.timedelta(days=1)
     source = _broken_source(tmp_path)
     with pytest.raises(ValidationFailed, match="expect_column_values_to_be_between"):
-        nightly(small_config(workspace, source=str(source), run_date=broken_date))
+        nightly(config(source=str(source), run_date=broken_date))
     assert _checksums(earlier) == before
     assert not (workspace / "recommendations" / f"run_date={broken_date}").exists()
     assert not (workspace / "features" / f"run_date={broken_date}").exists()
@@ -153,11 +169,8 @@ def test_validation_failure_stops_the_run_and_keeps_the_earlier_partition(nightl
 
 def test_cli_reports_broken_input_in_one_line_with_a_nonzero_exit(tmp_path):
     source = _broken_source(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--source", str(source), "--workspace", str(tmp_path / "ws"),
-         "--run-date", "2026-11-21"],
-        capture_output=True, text=True, cwd=ROOT, timeout=400,
-    )
+    result = cli("run", "--source", str(source), "--workspace", str(tmp_path / "ws"), "--run-date", "2026-11-21",
+                 timeout=400)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("recflow: error: validation failed")
@@ -166,10 +179,7 @@ def test_cli_reports_broken_input_in_one_line_with_a_nonzero_exit(tmp_path):
 
 
 def test_cli_rejects_a_bad_run_date_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--run-date", "2026-13-45", "--workspace", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
+    result = cli("run", "--run-date", "2026-13-45", "--workspace", str(tmp_path), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "recflow: error: --run-date '2026-13-45' is not a date; use YYYY-MM-DD"
 
@@ -191,19 +201,16 @@ def _checksums(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(nightly_run):
-    from mlflow.tracking import MlflowClient
 
+def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(copy_of_run):
     from flows.nightly import nightly
 
-    workspace, first = nightly_run
+    workspace, first, config = copy_of_run
     next_date = RUN_DATE + dt.timedelta(days=2)
-    weak = small_config(workspace, run_date=next_date, retrieval={"max_epochs": 1, "learning_rate": 1e-7})
-    summary = nightly(weak)
+    summary = nightly(config(run_date=next_date, retrieval={"max_epochs": 1, "learning_rate": 1e-7}))
     assert summary["promoted"] is False
     assert "does not beat champion v1" in summary["champion"]
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = mlflow_client(workspace)
     assert client.get_model_version_by_alias("recflow-retrieval", "champion").run_id == first["mlflow_run_id"]
     assert client.get_model_version("recflow-retrieval", "2").run_id == summary["mlflow_run_id"]
     assert client.get_run(summary["mlflow_run_id"]).data.tags["promoted"] == "false"
@@ -212,74 +219,84 @@ def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(nightly_ru
     assert table.group_by("user_id").len()["len"].unique().to_list() == [10]
 
 
-def test_a_rerun_with_unchanged_input_reuses_every_stage_and_keeps_the_output(nightly_run):
-    from mlflow.tracking import MlflowClient
-
+def test_rerunning_the_evaluation_of_models_that_lost_the_gate_registers_them_once(copy_of_run):
     from flows.nightly import nightly
 
-    workspace, first = nightly_run
+    workspace, _, config = copy_of_run
+    weak = config(run_date=RUN_DATE + dt.timedelta(days=2), retrieval={"max_epochs": 1, "learning_rate": 1e-7})
+    first, again = nightly(weak), nightly(weak)
+    assert first["promoted"] is False and again["promoted"] is False
+    assert "train_retrieval" in again["reused_stages"] and again["model_key"] == first["model_key"]
+    client = mlflow_client(workspace)
+    for name in ("recflow-retrieval", "recflow-ranking"):
+        versions = client.search_model_versions(f"name='{name}'")
+        assert len(versions) == 2  # the champion's, and the weak models' once
+        assert [v.tags["model_key"] for v in versions].count(first["model_key"]) == 1
+
+
+def test_a_rerun_with_unchanged_input_reuses_every_stage_and_keeps_the_output(copy_of_run):
+    from flows.nightly import nightly
+
+    workspace, first, config = copy_of_run
     partition = workspace / "recommendations" / f"run_date={RUN_DATE}"
     before = _checksums(partition)
-    again = nightly(small_config(workspace))
+    again = nightly(config())
     assert again["reused_stages"] == [
         "ingest", "validate", "features", "train_retrieval", "train_ranking", "score", "publish"
     ]
     assert _checksums(partition) == before
     assert again["promoted"] is False and "champion v1 already" in again["champion"]
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = mlflow_client(workspace)
     run, first_run = client.get_run(again["mlflow_run_id"]), client.get_run(first["mlflow_run_id"])
     assert run.data.tags["reused_stages"] == "ingest,validate,features,train_retrieval,train_ranking,score,publish"
     assert set(first_run.data.metrics) <= set(run.data.metrics)  # the compare view lines the runs up
     assert run.data.metrics["ndcg_at_10"] == first_run.data.metrics["ndcg_at_10"]
-    assert len(client.search_model_versions("name='recflow-retrieval'")) == 2  # nothing registered twice
+    assert len(client.search_model_versions("name='recflow-retrieval'")) == 1  # nothing registered twice
 
 
-def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(nightly_run):
+def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(copy_of_run):
     from flows.nightly import nightly
 
-    workspace, _ = nightly_run
-    changed = nightly(small_config(workspace, top_k=5))
+    workspace, _, config = copy_of_run
+    changed = nightly(config(top_k=5))
     assert changed["reused_stages"] == ["ingest", "validate", "features", "train_retrieval", "train_ranking"]
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert table.group_by("user_id").len()["len"].unique().to_list() == [5]
 
 
 def test_cli_prints_a_users_list_with_titles_and_the_last_runs_side_by_side(nightly_run):
-    workspace, _ = nightly_run
+    workspace, summary = nightly_run
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     user = table["user_id"][0]
     items = pl.read_parquet(workspace / "snapshots" / f"run_date={RUN_DATE}" / "items.parquet")
     top = table.filter((pl.col("user_id") == user) & (pl.col("rank") == 1))["item_id"][0]
-    recs = _cli("recs", user, "--run-date", str(RUN_DATE), "--workspace", str(workspace))
+    recs = cli("recs", user, "--run-date", str(RUN_DATE), "--workspace", str(workspace))
     assert recs.returncode == 0, recs.stderr
     first_row = next(line for line in recs.stdout.splitlines() if line.startswith("│ 1 "))
     assert top in first_row and items.filter(pl.col("item_id") == top)["title"][0] in first_row
-    missing = _cli("recs", "no-such-user", "--workspace", str(workspace))  # the latest run date
-    latest = RUN_DATE + dt.timedelta(days=2)
+    missing = cli("recs", "no-such-user", "--workspace", str(workspace))  # the latest run date
     assert missing.returncode == 1
-    assert missing.stderr.strip() == f"recflow: error: user 'no-such-user' has no list on {latest}: not in that run's input"
-    runs = _cli("runs", "--last", "3", "--workspace", str(workspace))
+    assert missing.stderr.strip() == f"recflow: error: user 'no-such-user' has no list on {RUN_DATE}: not in that run's input"
+    runs = cli("runs", "--last", "3", "--workspace", str(workspace))
     assert runs.returncode == 0, runs.stderr
-    assert runs.stdout.count(str(RUN_DATE)) == 2 and str(RUN_DATE + dt.timedelta(days=2)) in runs.stdout
+    assert f"{RUN_DATE} ({summary['mlflow_run_id'][:6]})" in runs.stdout  # the one run so far
     assert "ndcg@10" in runs.stdout and "champion ndcg@10" in runs.stdout
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-
-
-def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nightly_run, tmp_path):
+def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nightly_run, copy_of_run, tmp_path):
     import numpy as np
+    from mlflow.tracking import MlflowClient
 
+    from flows.nightly import nightly
     from schemas.config import FeatureConfig, RetrievalConfig
     from schemas.tables import Snapshot
     from tasks import towers
-    from tasks.evaluate import champion_models
-    from tasks.features import build_features, load_features
+    from tasks.features import load_features
+    from tasks.featurize import build_features
     from tasks.retrieval import warm_start
     from tasks.tfenv import tf
+    from tasks.tracking import champion_models
+    from tests.conftest import make_run
 
     workspace, _ = nightly_run
     champion = champion_models(workspace)
@@ -292,13 +309,13 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     (source / "items.parquet").write_bytes((published / "items.parquet").read_bytes())
     snapshot = Snapshot(path=source, source="test", n_interactions=0, n_users=0, n_items=0, has_items=True,
                         data_hash="", origin={})
-    feature_set = build_features(snapshot, tmp_path / "ws", RUN_DATE, FeatureConfig(), "warm-test")
+    feature_set = build_features(make_run(tmp_path / "ws"), snapshot)
     features = load_features(feature_set.path)
     model = towers.TwoTower(features, FeatureConfig().history_length, RetrievalConfig())
     copied = warm_start(model, champion, features)
 
-    old = tf.saved_model.load(str(champion / "retrieval")).query_model
-    old_users = pl.read_parquet(champion / "vocab" / "users.parquet")
+    old = tf.saved_model.load(str(champion.retrieval_path)).query_model
+    old_users = pl.read_parquet(champion.users)
     user = features.users.row(0, named=True)
     old_idx = old_users.filter(pl.col("user_id") == user["user_id"])["user_idx"][0]
     assert old_idx != user["user_idx"]
@@ -307,30 +324,23 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     np.testing.assert_array_equal(model.query_model.project.kernel.numpy(), old.project.kernel.numpy())
     assert copied >= 7  # two id tables, positions, attention and projection weights, self-attention block
 
-    from flows.nightly import nightly
-
-    warm = nightly(small_config(workspace, run_date=RUN_DATE + dt.timedelta(days=3),
-                                retrieval={"max_epochs": 2, "batch_size": 512, "warm_start": True}))
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    copy, _, config = copy_of_run
+    warm = nightly(config(run_date=RUN_DATE + dt.timedelta(days=3),
+                          retrieval={"max_epochs": 2, "batch_size": 512, "warm_start": True}))
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
     run = MlflowClient(tracking_uri=uri).get_run(warm["mlflow_run_id"])
     assert run.data.tags["warm_start_from"] == champion.name
 
 
-def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_models(nightly_run):
-    from mlflow.tracking import MlflowClient
-
+def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_models(copy_of_run):
     from flows.nightly import nightly
 
-    workspace, first = nightly_run
-    day = RUN_DATE + dt.timedelta(days=4)
-    plain, diverse = (nightly(small_config(workspace, run_date=day, lists={"diversity": weight})) for weight in (0.0, 0.6))
+    workspace, _, config = copy_of_run
+    plain, diverse = (nightly(config(lists={"diversity": weight})) for weight in (0.0, 0.6))
     assert {"train_retrieval", "train_ranking"} <= set(diverse["reused_stages"])  # only the lists change
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(workspace)
     before, after = (client.get_run(s["mlflow_run_id"]).data.metrics for s in (plain, diverse))
     assert after["diversity_at_10"] > before["diversity_at_10"]
-    table = pl.read_parquet(workspace / "recommendations" / f"run_date={day}" / "*.parquet")
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert (table.group_by("user_id").agg((pl.col("score").sort_by("rank").diff().drop_nulls() <= 0).all())["score"]).all()
     assert table.group_by("user_id").len()["len"].unique().to_list() == [10]

@@ -17,11 +17,10 @@ import polars as pl
 import pytest
 
 from tasks.ingest import generate_synthetic
-from tests.e2e.test_nightly import SMALL
+from tests.conftest import ROOT, SMALL
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN_DATE = dt.date(2026, 11, 20)
 DELETED = "person-0007"
 COLD = [f"item_{i}" for i in range(5)]
@@ -88,10 +87,11 @@ def test_items_nobody_has_interacted_with_reach_lists_and_similar_items_through_
     assert similar.filter(pl.col("item_id") == pl.col("similar_item_id")).is_empty()
 
 
-def test_a_deleted_user_leaves_no_trace_in_outputs_models_mlflow_or_logs(first_run, source, tmp_path):
+def test_a_deleted_user_leaves_no_trace_in_outputs_models_mlflow_or_logs(source, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    workspace, _ = first_run
+    workspace = tmp_path / "ws"
+    run(workspace, source, RUN_DATE)
     assert traces(workspace, DELETED)  # the first run knew them
     report = (workspace / "snapshots" / f"run_date={RUN_DATE}" / "validation" / "interactions.json").read_text()
     assert '"user#' in report  # GE quotes sample rows, with stand-ins for the user ids

@@ -17,9 +17,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from schemas.tables import ChampionDecision, FeatureSet
-from tasks.score import USERS_PER_BLOCK, prepare, score_shard, shard_users
-from tests.e2e.test_nightly import ROOT
+from schemas.tables import ChampionDecision, FeatureSet, ScoringJob
+from tasks.lists import USERS_PER_BLOCK
+from tasks.score import prepare, score_shard, shard_users
+from tests.conftest import ROOT, make_run
 
 RUN_DATE = "2026-11-20"
 # Three scoring blocks of users, so two shards really split the work.
@@ -68,9 +69,11 @@ def test_dask_sharded_scoring_writes_the_table_a_single_process_writes(tmp_path)
         promoted=True, reason="test", model_version=manifest["model_version"], mlflow_run_id=manifest["mlflow_run_id"],
         models_path=models, metrics={},
     )
-    staged = prepare(FeatureSet.model_validate(features), decision, workspace)
-    score_shard(FeatureSet.model_validate(features), decision, staged, dt.date.fromisoformat(RUN_DATE), 100, 5, 0, 1)
-    single = pl.read_parquet(staged / "part-00000.parquet")
+    run = make_run(workspace / "single", dt.date.fromisoformat(RUN_DATE), top_k=FAST["top_k"], shards=1)
+    job = prepare(run, FeatureSet.model_validate(features), decision)
+    assert isinstance(job, ScoringJob) and not job.reused
+    score_shard(run, job, 0)
+    single = pl.read_parquet(job.path / "part-00000.parquet")
     assert single.equals(sharded)
 
 

@@ -18,7 +18,7 @@ import time
 import polars as pl
 import pytest
 
-from tests.e2e.test_nightly import ROOT, SMALL
+from tests.conftest import ROOT, SMALL
 
 pytestmark = pytest.mark.slow
 

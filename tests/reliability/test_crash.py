@@ -17,11 +17,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.e2e.test_nightly import SMALL
+from tests.conftest import ROOT, SMALL
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN_DATE = "2026-11-20"
 
 

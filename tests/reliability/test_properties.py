@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.evaluate import ranking_metrics
-from tasks.retrieval import as_table, retrieve
+from tasks.inference import as_table, retrieve
+from tasks.metrics import ranking_metrics
 from tasks.workspace import write_parquet
 
 
@@ -118,7 +118,7 @@ def list_cases(draw):
 @settings(max_examples=150, deadline=None)
 @given(list_cases())
 def test_final_lists_are_distinct_real_candidates_with_non_increasing_scores(case):
-    from tasks.score import diversify, make_room_for_new_items
+    from tasks.lists import diversify, make_room_for_new_items
 
     relevance, categories, new, k, weight, slots = case
     picks, values = diversify(relevance, categories, k, weight)

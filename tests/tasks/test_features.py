@@ -8,10 +8,11 @@ import json
 import polars as pl
 import pytest
 
-from schemas.config import FeatureConfig, SyntheticConfig
 from schemas.tables import EVENTS
-from tasks.features import build_features, event_histories, load_features, user_histories
+from tasks.features import event_histories, load_features, user_histories
+from tasks.featurize import build_features
 from tasks.ingest import ingest
+from tests.conftest import make_run
 
 RUN_DATE = dt.date(2024, 3, 1)
 
@@ -53,8 +54,8 @@ def built(tmp_path):
         orient="row",
     ).write_csv(raw / "items.csv")
     workspace = tmp_path / "workspace"
-    snapshot = ingest(str(raw), RUN_DATE, workspace, SyntheticConfig(), seed=0)
-    feature_set = build_features(snapshot, workspace, RUN_DATE, FeatureConfig(), "test-key")
+    run = make_run(workspace, RUN_DATE, source=str(raw), seed=0)
+    feature_set = build_features(run, ingest(run))
     return workspace, feature_set, load_features(feature_set.path)
 
 
@@ -152,7 +153,7 @@ def test_features_are_published_under_the_run_date_partition(built):
         "_stage.json", "events.parquet", "items.parquet", "users.parquet",
     ]
     stage = json.loads((feature_set.path / "_stage.json").read_text())
-    assert stage["key"] == "test-key" and stage["record"]["split_sizes"] == {"fit": 15, "valid": 2, "test": 4}
+    assert stage["key"] == feature_set.key != "" and stage["record"]["split_sizes"] == {"fit": 15, "valid": 2, "test": 4}
     assert not any(p.name.startswith("features-") for p in (workspace / ".tmp").iterdir())
 
 

@@ -16,8 +16,8 @@ from schemas.config import SyntheticConfig
 from schemas.tables import INTERACTIONS
 from tasks.ingest import fetch_movielens, generate_synthetic, ingest, read_directory
 from tasks.workspace import RecflowError
+from tests.conftest import make_run
 
-MOVIELENS_SMALL = Path("/work/shared/datasets/ml-latest-small")
 RUN_DATE = dt.date(2024, 3, 1)
 T0 = int(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc).timestamp())
 
@@ -200,7 +200,7 @@ def test_ingest_stages_parquet_under_workspace_tmp_and_counts_the_snapshot(tmp_p
     raw = write_generic(tmp_path / "raw")
     workspace = tmp_path / "workspace"
 
-    snapshot = ingest(str(raw), RUN_DATE, workspace, SyntheticConfig(), seed=1)
+    snapshot = ingest(make_run(workspace, RUN_DATE, source=str(raw), seed=1))
 
     assert snapshot.path.parent == workspace / ".tmp"
     assert sorted(p.name for p in snapshot.path.iterdir()) == ["interactions.parquet", "items.parquet", "users.parquet"]
@@ -215,10 +215,10 @@ def test_ingest_stages_parquet_under_workspace_tmp_and_counts_the_snapshot(tmp_p
 
 def test_ingesting_the_same_input_twice_gives_the_same_data_hash(tmp_path):
     raw = write_generic(tmp_path / "raw")
-    first = ingest(str(raw), RUN_DATE, tmp_path / "ws", SyntheticConfig(), seed=1)
-    second = ingest(str(raw), RUN_DATE, tmp_path / "ws", SyntheticConfig(), seed=1)
+    run = make_run(tmp_path / "ws", RUN_DATE, source=str(raw), seed=1)
+    first, second = ingest(run), ingest(run)
     (raw / "interactions.csv").write_text((raw / "interactions.csv").read_text() + f"9,042,{T0},2,view\n")
-    changed = ingest(str(raw), RUN_DATE, tmp_path / "ws", SyntheticConfig(), seed=1)
+    changed = ingest(run)
 
     assert first.path != second.path
     assert first.data_hash == second.data_hash
@@ -279,14 +279,21 @@ def test_synthetic_users_concentrate_on_few_categories_far_more_than_chance():
 
 @pytest.fixture
 def grouplens(tmp_path, monkeypatch):
-    """A local stand-in for files.grouplens.org serving ml-latest-small.zip and its md5."""
-    if not (MOVIELENS_SMALL / "ratings.csv").exists():
-        pytest.skip(f"{MOVIELENS_SMALL} is missing")
+    """A local stand-in for files.grouplens.org serving ml-latest-small.zip (a small export
+    in GroupLens' layout, made from the synthetic source) and its md5."""
+    export = tmp_path / "export"
+    export.mkdir()
+    interactions, items = generate_synthetic(SMALL, RUN_DATE, seed=5)
+    interactions.select(pl.col("user_id").str.strip_prefix("user_").alias("userId"),
+                        pl.col("item_id").str.strip_prefix("item_").alias("movieId"), "rating",
+                        "timestamp").write_csv(export / "ratings.csv")
+    items.select(pl.col("item_id").str.strip_prefix("item_").alias("movieId"), "title",
+                 pl.col("categories").list.join("|").alias("genres")).write_csv(export / "movies.csv")
     archive = tmp_path / "served" / "ml-latest-small.zip"
     archive.parent.mkdir()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
         for name in ("ratings.csv", "movies.csv"):
-            bundle.write(MOVIELENS_SMALL / name, f"ml-latest-small/{name}")
+            bundle.write(export / name, f"ml-latest-small/{name}")
     served = {
         "/ml-latest-small.zip": archive.read_bytes(),
         "/ml-latest-small.zip.md5": f"MD5 (ml-latest-small.zip) = {hashlib.md5(archive.read_bytes()).hexdigest()}\n".encode(),
@@ -318,7 +325,7 @@ def grouplens(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("RECFLOW_MOVIELENS_URL", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("RECFLOW_CACHE", str(cache))
-    yield {"served": served, "requests": requests, "cache": cache, "outage": outage}
+    yield {"served": served, "requests": requests, "cache": cache, "outage": outage, "export": export}
     server.shutdown()
     server.server_close()
 
@@ -327,8 +334,8 @@ def test_fetch_movielens_downloads_into_the_cache_once(grouplens):
     directory = fetch_movielens("ml-latest-small")
 
     assert directory == grouplens["cache"] / "ml-latest-small"
-    assert (directory / "ratings.csv").read_bytes() == (MOVIELENS_SMALL / "ratings.csv").read_bytes()
-    assert (directory / "movies.csv").read_bytes() == (MOVIELENS_SMALL / "movies.csv").read_bytes()
+    assert (directory / "ratings.csv").read_bytes() == (grouplens["export"] / "ratings.csv").read_bytes()
+    assert (directory / "movies.csv").read_bytes() == (grouplens["export"] / "movies.csv").read_bytes()
     assert sorted(grouplens["requests"]) == ["/ml-latest-small.zip", "/ml-latest-small.zip.md5"]
 
     assert fetch_movielens("ml-latest-small") == directory
@@ -336,9 +343,9 @@ def test_fetch_movielens_downloads_into_the_cache_once(grouplens):
 
 
 def test_movielens_source_ingests_from_the_cache(grouplens, tmp_path):
-    snapshot = ingest("movielens:ml-latest-small", RUN_DATE, tmp_path / "ws", SyntheticConfig(), seed=1)
+    snapshot = ingest(make_run(tmp_path / "ws", RUN_DATE, source="movielens:ml-latest-small", seed=1))
 
-    ratings = pl.read_csv(MOVIELENS_SMALL / "ratings.csv")
+    ratings = pl.read_csv(grouplens["export"] / "ratings.csv")
     assert snapshot.n_interactions == ratings.height
     assert snapshot.n_users == ratings["userId"].n_unique()
     assert snapshot.has_items
@@ -366,5 +373,5 @@ def test_a_transient_server_error_is_retried_with_backoff(grouplens):
 
     directory = fetch_movielens("ml-latest-small")
 
-    assert (directory / "ratings.csv").read_bytes() == (MOVIELENS_SMALL / "ratings.csv").read_bytes()
+    assert (directory / "ratings.csv").read_bytes() == (grouplens["export"] / "ratings.csv").read_bytes()
     assert grouplens["requests"][:3] == ["/ml-latest-small.zip"] * 3  # two 503s, then the archive

@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.evaluate import ranking_metrics
-from tasks.retrieval import retrieve
+from tasks.inference import retrieve
+from tasks.metrics import list_metrics, ranking_metrics
 
 
 def recs_table(lists: dict[int, list[int]]) -> pl.DataFrame:
@@ -169,16 +169,10 @@ def test_retrieve_asks_for_at_most_the_catalogue():
 
 
 def test_list_metrics_match_hand_computed_values():
-    from types import SimpleNamespace
-
-    from tasks.evaluate import list_metrics
-
     # Items 1..4 (0 = padding). Fit events: item 1 x3, item 2 x1. Categories: 1 {a, b}, 2 {a}, 3 {c}, 4 none.
-    features = SimpleNamespace(
-        item_popularity=np.array([0.0, 3.0, 1.0, 0.0, 0.0]),
-        item_categories=np.array([[0, 0], [1, 2], [1, 0], [3, 0], [0, 0]]),
-    )
-    metrics = list_metrics(recs_table({1: [1, 2], 2: [3, 4]}), features, k=2)
+    popularity = np.array([0.0, 3.0, 1.0, 0.0, 0.0])
+    categories = np.array([[0, 0], [1, 2], [1, 0], [3, 0], [0, 0]])
+    metrics = list_metrics(recs_table({1: [1, 2], 2: [3, 4]}), popularity, categories, k=2)
     # diversity: user 1: 1 - 1/sqrt(2*1); user 2's pair involves item 4 (no categories): left out.
     assert metrics["diversity"] == pytest.approx(1 - 1 / np.sqrt(2))
     # novelty: smoothed shares (p + 1) / (4 + 4) = 1/2, 1/4, 1/8, 1/8 -> 1, 2, 3, 3 bits.

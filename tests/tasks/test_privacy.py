@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from schemas.config import PrivacyConfig
+from schemas.tables import ModelDir
 from tasks.privacy import deleted_users, forget, protect, prune, pseudonym, read_key, record, remembers
 from tasks.workspace import RecflowError
 
@@ -89,14 +90,15 @@ def test_forget_rebuilds_earlier_partitions_without_listed_users_once(tmp_path):
     listed = tmp_path.parent / f"{tmp_path.name}-deleted.csv"
     listed.write_text("user_id\nann\n")
     cfg = PrivacyConfig(deleted_users=str(listed))
-    assert forget(tmp_path, cfg, keep=kept_model.parents[1]) == {"rewritten": 2, "removed": 2}
+    kept = ModelDir(path=kept_model.parents[1])
+    assert forget(tmp_path, cfg, keep=kept) == {"rewritten": 2, "removed": 2}
     table = pl.read_parquet(recommendations / "*.parquet")
     assert "ann" not in table["user_id"].to_list() and table.height == EVENTS.height - 2 + 1
     assert json.loads((recommendations / "_manifest.json").read_text()) == {"rows": 5, "users": 4, "run_date": "2026-01-01"}
     assert json.loads((snapshot / "_stage.json").read_text())["record"] == {"n_interactions": 4, "n_users": 4}
     assert not features.exists() and not model.exists() and kept_model.exists()
     assert not list((tmp_path / ".tmp").glob("forget-*"))
-    assert forget(tmp_path, cfg, keep=kept_model.parents[1]) == {"rewritten": 0, "removed": 0}  # applied already
+    assert forget(tmp_path, cfg, keep=kept) == {"rewritten": 0, "removed": 0}  # applied already
 
 
 def test_a_champion_counts_as_remembering_a_listed_user_unless_it_provably_cannot(tmp_path):
@@ -106,15 +108,15 @@ def test_a_champion_counts_as_remembering_a_listed_user_unless_it_provably_canno
     key = tmp_path / "key"
     key.write_text("k" * 32)
     cfg, keyed = PrivacyConfig(deleted_users=str(listed)), PrivacyConfig(deleted_users=str(listed), key_file=str(key))
-    models = tmp_path / "models"
-    (models / "vocab").mkdir(parents=True)
-    EVENTS.write_parquet(models / "vocab" / "users.parquet")
+    models = ModelDir(path=tmp_path / "models")
+    models.vocabulary.mkdir(parents=True)
+    EVENTS.write_parquet(models.users)
     assert remembers(models, cfg, workspace)  # ann is in its vocabulary
     assert not remembers(models, PrivacyConfig(), workspace)  # nobody is listed
-    record(models / "vocab", cfg, workspace)
+    record(models, cfg, workspace)
     assert not remembers(models, cfg, workspace)  # trained under tonight's list: ann was never in its data
     assert remembers(models, keyed, workspace)  # other pseudonyms: cannot tell, so yes
     other = tmp_path / "other.csv"
     other.write_text("user_id\nzed\n")
-    (models / "vocab" / "users.parquet").unlink()  # restored from MLflow: no user vocabulary
+    models.users.unlink()  # restored from MLflow: no user vocabulary
     assert remembers(models, PrivacyConfig(deleted_users=str(other)), workspace)

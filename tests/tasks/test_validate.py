@@ -9,9 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from schemas.config import SyntheticConfig, ValidationConfig
+from schemas.config import SyntheticConfig
 from tasks.ingest import generate_synthetic, ingest
 from tasks.validate import ValidationFailed, validate
+from tests.conftest import make_run
 
 RUN_DATE = dt.date(2026, 11, 20)
 SMALL = SyntheticConfig(n_users=60, n_items=80, n_clusters=3, events_per_user=12, n_categories=6)
@@ -27,8 +28,8 @@ def write_source(directory: Path, interactions: pl.DataFrame, items: pl.DataFram
 
 def run(tmp_path: Path, interactions: pl.DataFrame, items: pl.DataFrame | None = None, **cfg):
     source = write_source(tmp_path / "source", interactions, items)
-    snapshot = ingest(str(source), RUN_DATE, tmp_path / "ws", SMALL, seed=0)
-    return validate(snapshot, tmp_path / "ws", RUN_DATE, ValidationConfig(**cfg), "test-key")
+    run = make_run(tmp_path / "ws", RUN_DATE, source=str(source), synthetic=SMALL, seed=0, validation=cfg)
+    return validate(run, ingest(run))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,7 @@ def clean():
 
 def test_valid_input_is_published_with_results_and_data_docs(tmp_path, clean):
     interactions, items = clean
-    published, failures = run(tmp_path, interactions, items)
-    assert failures == []
+    published = run(tmp_path, interactions, items)
     partition = tmp_path / "ws" / "snapshots" / f"run_date={RUN_DATE}"
     assert published.path == partition
     assert (partition / "interactions.parquet").exists() and (partition / "items.parquet").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.score import diversify, explain, make_room_for_new_items
+from tasks.lists import diversify, explain, make_room_for_new_items
 
 
 def test_diversity_trades_relevance_for_a_new_category_and_keeps_scores_non_increasing():

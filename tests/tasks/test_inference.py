@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.ranking import candidate_features, cooccurrence, item_similarity
+from tasks.inference import candidate_features, cooccurrence, item_similarity
 
 
 def test_item_similarity_is_shrunk_cosine_of_co_occurrence_with_an_empty_diagonal():

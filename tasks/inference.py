@@ -1,0 +1,246 @@
+"""Inference: what every stage that reads trained models shares.
+
+Loading an exported retrieval model and retrieving each user's top-N unseen items by
+blocked matrix products; mapping tonight's ids into a model's vocabulary (a champion
+trained on an earlier night scores tonight's users); the classical item-to-item
+co-occurrence signal; and the ranker's per-candidate features. Plain numpy, scipy and
+polars: TensorFlow is imported only to load a SavedModel.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from schemas.tables import ModelDir
+from tasks.features import Features
+
+BLOCK_SCORES = 2**23  # scores per block in `retrieve` (32 MiB of float32)
+NEIGHBOURS = 500  # similar items kept per item for the co-occurrence feature
+N_ITEMS = "n_items.npy"  # beside the retrieval SavedModel: the size of its item vocabulary
+
+
+def retrieve(
+    queries: np.ndarray,
+    item_embeddings: np.ndarray,
+    exclude: tuple[np.ndarray, np.ndarray],
+    n: int,
+    block: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-`n` items for each query row, in blocks of `block` rows.
+
+    `item_embeddings` row 0 is the padding item and is never returned; `exclude` holds
+    (row, item) pairs that must not be returned (items the user already interacted with).
+    Memory stays bounded whatever the sizes: by default a block holds about BLOCK_SCORES
+    scores, and two threads score blocks side by side (BLAS and numpy's partition
+    release the GIL). BLAS itself is set to one thread, for this whole process: scores
+    then never depend on how many threads BLAS has (Dask workers start with
+    OMP_NUM_THREADS=1), so a sharded run writes the same numbers as a single process.
+    """
+    _single_threaded_blas()
+    n = min(n, item_embeddings.shape[0] - 1)
+    if n <= 0:
+        return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
+    block = block or max(16, BLOCK_SCORES // item_embeddings.shape[0])
+    rows, items = exclude
+    order = np.argsort(rows, kind="stable")
+    rows, items = rows[order], items[order]
+    top_items = np.zeros((queries.shape[0], n), dtype=np.int64)
+    top_scores = np.zeros((queries.shape[0], n), dtype=np.float32)
+
+    def one_block(start: int) -> None:
+        stop = min(start + block, queries.shape[0])
+        scores = queries[start:stop] @ item_embeddings.T
+        scores[:, 0] = -np.inf
+        low, high = np.searchsorted(rows, [start, stop])
+        scores[rows[low:high] - start, items[low:high]] = -np.inf
+        part = np.argpartition(scores, -n, axis=1)[:, -n:]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        ranked = np.argsort(-part_scores, axis=1, kind="stable")
+        top_items[start:stop] = np.take_along_axis(part, ranked, axis=1)
+        top_scores[start:stop] = np.take_along_axis(part_scores, ranked, axis=1)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(one_block, range(0, queries.shape[0], block)))
+    return top_items, top_scores
+
+
+_blas = threading.Lock()
+
+
+def _single_threaded_blas() -> None:
+    """Set BLAS to one thread, once per process (retrieve parallelises over blocks itself)."""
+    with _blas:
+        if not getattr(_single_threaded_blas, "done", False):
+            threadpool_limits(1, user_api="blas")
+            _single_threaded_blas.done = True
+
+
+class RetrievalBundle:
+    """An exported retrieval SavedModel, loaded for scoring: queries in, top-N items out."""
+
+    def __init__(self, saved_model, item_embeddings: np.ndarray):
+        self.saved_model = saved_model
+        self.item_embeddings = item_embeddings
+
+    @classmethod
+    def load(cls, models: ModelDir) -> "RetrievalBundle":
+        from tasks.tfenv import tf
+
+        saved_model = tf.saved_model.load(str(models.retrieval_path))
+        n_items = int(np.load(models.retrieval_path / N_ITEMS))
+        items = saved_model.signatures["candidates"](tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy()
+        return cls(saved_model, items)
+
+    @property
+    def history_length(self) -> int:
+        return int(self.saved_model.signatures["query"].structured_input_signature[1]["history"].shape[1])
+
+    def queries(self, user_idx: np.ndarray, history: np.ndarray, block: int = 8192) -> np.ndarray:
+        signature = self.saved_model.signatures["query"]
+        parts = [
+            signature(user_idx=user_idx[i : i + block].astype(np.int32), history=history[i : i + block].astype(np.int32))[
+                "embedding"
+            ].numpy()
+            for i in range(0, user_idx.size, block)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.item_embeddings.shape[1]), np.float32)
+
+    def retrieve(
+        self, user_idx: np.ndarray, history: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return retrieve(self.queries(user_idx, history), self.item_embeddings, exclude, n)
+
+
+def rows_of(users: np.ndarray, events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(row in `users`, item) for the events of the users listed in sorted `users`."""
+    event_users = events["user_idx"].to_numpy()
+    row = np.minimum(np.searchsorted(users, event_users), max(users.size - 1, 0))
+    known = users[row] == event_users if users.size else np.zeros(event_users.size, bool)
+    return row[known], events["item_idx"].to_numpy()[known]
+
+
+def as_table(users: np.ndarray, top: np.ndarray) -> pl.DataFrame:
+    k = top.shape[1]
+    return pl.DataFrame(
+        {
+            "user": np.repeat(users, k),
+            "item": top.ravel(),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), users.size),
+        }
+    )
+
+
+def model_user_map(models: ModelDir, features: Features) -> np.ndarray:
+    """Tonight's user_idx -> the models' user_idx (0 for users the models never saw)."""
+    return index_map(features.users, pl.read_parquet(models.users), "user_id", "user_idx")
+
+
+def model_item_map(models: ModelDir, features: Features) -> np.ndarray:
+    """Tonight's item_idx -> the models' item_idx (0 for items the models never saw)."""
+    return index_map(features.items, pl.read_parquet(models.items), "item_id", "item_idx")
+
+
+def index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, idx_column: str) -> np.ndarray:
+    """Array mapping tonight's index -> the model's index (0 where the model never saw the id)."""
+    joined = tonight.select(id_column, idx_column).join(
+        model_vocab.select(id_column, pl.col(idx_column).alias("model_idx")), on=id_column, how="left"
+    )
+    mapping = np.zeros(tonight.height + 1, dtype=np.int32)
+    mapping[joined[idx_column].to_numpy()] = joined["model_idx"].fill_null(0).to_numpy()
+    return mapping
+
+
+def candidate_features(
+    user_idx: np.ndarray,
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    item_popularity: np.ndarray,
+    activity: np.ndarray,
+    together: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The ranker's inputs for each (user, candidate) pair, flattened row-major.
+
+    `candidates`, `scores` and `together` (co-occurrence with the user's recent history)
+    are (users x N); `activity` is each user's number of history events; `item_popularity`
+    is indexed by item.
+    """
+    n = candidates.shape[1]
+    return {
+        "user_idx": np.repeat(user_idx, n).astype(np.int32),
+        "item_idx": candidates.ravel().astype(np.int32),
+        "numeric": np.stack(
+            [
+                scores.ravel(),
+                np.log1p(np.tile(np.arange(n), user_idx.size)),
+                np.log1p(item_popularity[candidates.ravel()]),
+                np.log1p(np.repeat(activity, n)),
+                together.ravel(),
+            ],
+            axis=1,
+        ).astype(np.float32),
+    }
+
+
+def item_similarity(
+    users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0, neighbours: int = NEIGHBOURS,
+    block: int | None = None,
+) -> sp.csr_matrix:
+    """Item-item cosine similarity of co-occurrence in user histories, shrunk towards zero,
+    keeping each item's `neighbours` most similar items.
+
+    A classical collaborative signal (item-kNN) the ranker gets as a feature. Computed
+    `block` items at a time (by default about 4M similarities: 16 MiB, plus the partition's
+    int64 indices), so memory stays flat whatever the catalogue size. Row and column 0
+    (padding / unknown) stay empty.
+    """
+    block = block or max(16, 2**22 // (n_items + 1))
+    keep = items > 0
+    matrix = sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (users[keep], items[keep])),
+        shape=(int(users.max(initial=0)) + 1, n_items + 1),
+    )
+    matrix.data[:] = 1.0  # repeated events count once
+    by_item = matrix.T.tocsr()
+    norms = np.sqrt(np.asarray(matrix.sum(axis=0)).ravel())
+    width = min(neighbours, n_items + 1)
+    rows, columns, values = [], [], []
+    for start in range(0, n_items + 1, block):
+        stop = min(start + block, n_items + 1)
+        together = (by_item[start:stop] @ matrix).toarray()
+        together[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        together /= norms[start:stop, None] * norms[None, :] + shrink
+        top = np.argpartition(together, -width, axis=1)[:, -width:]
+        rows.append(np.repeat(np.arange(start, stop), width))
+        columns.append(top.ravel())
+        values.append(np.take_along_axis(together, top, axis=1).ravel())
+    similarity = sp.csr_matrix(
+        (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(n_items + 1, n_items + 1)
+    )
+    similarity.eliminate_zeros()
+    return similarity
+
+
+def cooccurrence(
+    similarity: sp.csr_matrix, recent: np.ndarray, candidates: np.ndarray, half_life: float = 5.0, block: int = 1024
+) -> np.ndarray:
+    """Recency-weighted similarity of each candidate to the user's history (newest first).
+
+    An item's weight halves every `half_life` later events, as in recency-weighted EASE.
+    """
+    weights = np.power(0.5, np.arange(recent.shape[1]) / half_life).astype(np.float32)
+    result = np.zeros(candidates.shape, dtype=np.float32)
+    for start in range(0, recent.shape[0], block):
+        chunk = recent[start : start + block]
+        rows, positions = np.nonzero(chunk)
+        history = sp.csr_matrix(
+            (weights[positions], (rows, chunk[rows, positions])), shape=(chunk.shape[0], similarity.shape[0])
+        )
+        scores = (history @ similarity).toarray()
+        result[start : start + block] = np.take_along_axis(scores, candidates[start : start + block], axis=1)
+    return result

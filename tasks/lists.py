@@ -1,0 +1,238 @@
+"""Lists: from ranked candidates to each user's published list, and back.
+
+`recommend` is the one path from a model directory (retrieval + ranking SavedModels and
+their vocabularies) to top-K lists: retrieve candidates, re-rank them, choose the list
+(plain order, or maximal marginal relevance with `lists.diversity`), give the last
+positions to new items (`lists.new_item_slots`) and explain each item by the history item
+most like it. Scoring writes tonight's table with it and evaluation scores the held-out
+split with it, so both judge the same lists. `published_list` reads one user's list back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from schemas.config import ListConfig
+from schemas.tables import ModelDir, partition
+from tasks.features import MAX_CATEGORIES, Features, padded, user_histories
+from tasks.inference import (
+    RetrievalBundle,
+    candidate_features,
+    cooccurrence,
+    item_similarity,
+    model_item_map,
+    model_user_map,
+)
+from tasks.workspace import RecflowError
+
+USERS_PER_BLOCK = 1024
+RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
+               "retrieval_score": pl.Float32, "because_item_id": pl.String, "reason": pl.String}
+
+
+def recommend(
+    models: ModelDir,
+    features: Features,
+    users: np.ndarray,
+    history: pl.DataFrame,
+    n_candidates: int,
+    k: int,
+    similarity: sp.csr_matrix | None = None,
+    lists: ListConfig = ListConfig(),
+) -> pl.DataFrame:
+    """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`, each
+    recommendation explained by the history item most like it.
+
+    `history` holds the events (tonight's indices, sorted by user and time) that form each
+    user's sequence and that are never recommended again; `similarity` is
+    `history_similarity(models, features, history)` when the caller already has it. With
+    `lists.diversity` above 0 the list is chosen from the ranked candidates by maximal
+    marginal relevance over item categories (`diversify`), and `score` is that choice's
+    objective; then the last `lists.new_item_slots` positions go to new items
+    (`make_room_for_new_items`). Users are scored USERS_PER_BLOCK at a time, in the order
+    given. Returns one row per (user, rank) with the columns of RECS_SCHEMA.
+    """
+    from tasks.tfenv import tf
+
+    user_map = model_user_map(models, features)
+    item_map = model_item_map(models, features)
+    model_items = pl.read_parquet(models.items, columns=["item_id", "item_idx", "title", "categories_idx"])
+    model_items = model_items.sort("item_idx")
+    item_ids = np.concatenate([[None], model_items["item_id"].to_numpy()]).astype(object)
+    titles = np.concatenate([[None], model_items["title"].fill_null(model_items["item_id"]).to_numpy()]).astype(object)
+    categories = padded(model_items["categories_idx"], MAX_CATEGORIES)
+    popularity = np.load(models.item_popularity)
+    new = np.zeros(item_ids.size, dtype=bool)  # in tonight's catalogue, nobody has interacted with them yet
+    new[item_map[features.items.filter(pl.col("popularity") == 0)["item_idx"].to_numpy()]] = True
+    new[0] = False
+    retrieval = RetrievalBundle.load(models)
+    unit = retrieval.item_embeddings / np.maximum(np.linalg.norm(retrieval.item_embeddings, axis=1, keepdims=True), 1e-12)
+    ranker = tf.saved_model.load(str(models.ranking_path)).signatures["score"]
+    histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
+    activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
+    seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
+    if similarity is None:
+        similarity = history_similarity(models, features, history)
+    n_candidates = max(n_candidates, k)
+    frames = []
+    for start in range(0, users.size, USERS_PER_BLOCK):
+        block = np.sort(users[start : start + USERS_PER_BLOCK])
+        exclude = _pairs_in(block, seen_users, seen_items)
+        candidates, scores = retrieval.retrieve(user_map[block], histories[block], exclude, n_candidates)
+        # Users who have seen nearly the whole catalogue get fewer real candidates than N.
+        real = np.isfinite(scores)
+        scores = np.where(real, scores, np.min(scores, where=real, initial=0.0))
+        together = cooccurrence(similarity, histories[block], candidates)
+        inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block], together)
+        ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
+        ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
+        if lists.diversity > 0:
+            order, final = diversify(ranked, categories[candidates], k, lists.diversity)
+        else:
+            order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+            final = np.take_along_axis(ranked, order, axis=1)
+        order, placed = make_room_for_new_items(order, new[candidates] & real, lists.new_item_slots)
+        top = np.take_along_axis(candidates, order, axis=1)
+        because, closeness = explain(unit, top, histories[block])
+        width = top.shape[1]
+        frames.append(
+            pl.DataFrame(
+                {
+                    "user_idx": np.repeat(block, width).astype(np.int32),
+                    "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
+                    "item_id": item_ids[top.ravel()],
+                    "score": final.ravel().astype(np.float32),
+                    "retrieval_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
+                    "because_item_id": item_ids[because.ravel()],
+                    "because_title": titles[because.ravel()],
+                    "similarity": np.char.mod("%.2f", closeness.ravel()),
+                    "new": placed.ravel(),
+                },
+                schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
+            )
+        )
+    recs = pl.concat(frames) if frames else pl.DataFrame(
+        schema=RECS_SCHEMA | {"because_title": pl.String, "similarity": pl.String, "new": pl.Boolean}
+    )
+    reason = (
+        pl.when(pl.col("because_item_id").is_null())
+        .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
+        .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title", "similarity"))
+    )
+    reason = pl.when(pl.col("new")).then(pl.lit("new in the catalogue; ") + reason).otherwise(reason)
+    return recs.filter(pl.col("score").is_finite()).with_columns(reason.alias("reason")).select(RECS_SCHEMA.keys())
+
+
+def make_room_for_new_items(order: np.ndarray, new: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give the last `slots` positions of each list (`order`: positions in the candidate
+    rows) to the best-retrieved new items among that user's candidates (`new`, a mask over
+    the candidate rows, which are in retrieval order) that the list lacks. Positions stay
+    where there is no such item, and each keeps its score, so scores stay non-increasing.
+    Returns the new order and a mask of the positions given to new items."""
+    order = order.copy()
+    placed = np.zeros(order.shape, dtype=bool)
+    slots = min(slots, order.shape[1])
+    if slots == 0 or not new.any():
+        return order, placed
+    rows = np.arange(order.shape[0])
+    left = new.copy()
+    left[rows[:, None], order] = False  # already in the list
+    for position in range(order.shape[1] - slots, order.shape[1]):
+        best = left.argmax(axis=1)
+        found = left[rows, best]
+        order[found, position] = best[found]
+        placed[found, position] = True
+        left[rows[found], best[found]] = False
+    return order, placed
+
+
+def diversify(relevance: np.ndarray, categories: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal marginal relevance: pick `k` of each row's candidates one at a time, each the
+    best by (1 - weight) * relevance - weight * (its largest category similarity to the
+    items already picked). Returns (positions in the row, the objective at each pick).
+
+    `relevance` (users, candidates) is the ranker's score, -inf where there is no candidate;
+    it is rescaled to [0, 1] per user. `categories` (users, candidates, C) holds category
+    indices (0 = none); similarity is the cosine of two items' category sets, and items
+    without categories count as one category of their own (else they would always look
+    new). The objective never increases from one pick to the next, so it serves as the
+    list's score.
+    """
+    users, n = relevance.shape
+    real = np.isfinite(relevance)
+    low = np.min(relevance, axis=1, where=real, initial=np.inf, keepdims=True)
+    high = np.max(relevance, axis=1, where=real, initial=-np.inf, keepdims=True)
+    scaled = np.where(real, (relevance - low) / np.where(high > low, high - low, 1.0), -np.inf)
+    categories = categories.copy()
+    categories[..., 0] = np.where((categories > 0).any(-1), categories[..., 0], -1)  # -1: "no category"
+    sizes = (categories != 0).sum(-1)
+    rows = np.arange(users)
+    penalty = np.zeros((users, n))
+    picks = np.zeros((users, min(k, n)), dtype=np.int64)
+    values = np.full((users, min(k, n)), -np.inf)
+    for step in range(picks.shape[1]):
+        objective = np.where(real, (1 - weight) * scaled - weight * penalty, -np.inf)
+        pick = objective.argmax(axis=1)
+        picks[:, step], values[:, step] = pick, objective[rows, pick]
+        real[rows, pick] = False
+        chosen = categories[rows, pick]
+        shared = ((categories[:, :, :, None] == chosen[:, None, None, :]) & (chosen[:, None, None, :] != 0)).sum((2, 3))
+        similarity = shared / np.sqrt(np.maximum(sizes * sizes[rows, pick][:, None], 1))
+        penalty = np.maximum(penalty, similarity)
+    return picks, values
+
+
+def explain(unit_items: np.ndarray, top: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each recommended item in `top` (users, k), the item of the user's `history`
+    (users, L; model indices, 0 = padding) whose candidate-tower embedding is most similar
+    (cosine; `unit_items` are the normalised embeddings) and that similarity. The item is
+    0 and the similarity NaN when the history holds no item the model knows."""
+    similarity = np.einsum("ukd,uld->ukl", unit_items[top], unit_items[history])
+    similarity = np.where(history[:, None, :] > 0, similarity, -np.inf)
+    best = similarity.argmax(axis=-1)
+    because = np.take_along_axis(history, best, axis=1)
+    closeness = np.take_along_axis(similarity, best[..., None], axis=-1)[..., 0]
+    return because, np.where(because > 0, closeness, np.nan).astype(np.float32)
+
+
+def history_similarity(models: ModelDir, features: Features, history: pl.DataFrame) -> sp.csr_matrix:
+    """The item co-occurrence similarity of `history`, in the models' item indices: what
+    `recommend` re-ranks with; computed once and shared by all scoring shards."""
+    n_items = pl.read_parquet(models.items, columns=["item_idx"]).height
+    items = model_item_map(models, features)[history["item_idx"].to_numpy()]
+    return item_similarity(history["user_idx"].to_numpy(), items, n_items)
+
+
+def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row in sorted `block`, item) for events of users in `block`, unknown items dropped."""
+    row = np.minimum(np.searchsorted(block, users), block.size - 1)
+    keep = (block[row] == users) & (items > 0)
+    return row[keep], items[keep]
+
+
+def published_list(workspace: Path, user_id: str, run_date: dt.date | None = None) -> pl.DataFrame:
+    """One user's published list (latest run date unless given), with item titles and the
+    title of the history item that explains each recommendation."""
+    root = workspace / "recommendations"
+    dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
+    if not dates:
+        raise RecflowError(f"no recommendations under {root}; run `recflow run` first")
+    day = run_date.isoformat() if run_date else dates[-1]
+    if day not in dates:
+        raise RecflowError(f"no recommendations for run date {day} under {root} (latest: {dates[-1]})")
+    table = pl.read_parquet(root / f"run_date={day}" / "*.parquet").filter(pl.col("user_id") == user_id)
+    if table.is_empty():
+        raise RecflowError(f"user {user_id!r} has no list on {day}: not in that run's input")
+    items = partition(workspace, "snapshots", dt.date.fromisoformat(day)) / "items.parquet"
+    titles = (pl.read_parquet(items, columns=["item_id", "title"]) if items.exists()
+              else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String}))
+    table = table.join(titles, on="item_id", how="left").join(
+        titles.rename({"item_id": "because_item_id", "title": "because_title"}), on="because_item_id", how="left"
+    )
+    return table.sort("rank").select("rank", "item_id", "title", "score", "reason", "because_item_id",
+                                     "because_title", "run_date", "model_version")

@@ -1,0 +1,288 @@
+"""Tracking: all of recflow's MLflow code.
+
+Where runs are tracked (MLFLOW_TRACKING_URI, a real server, or sqlite inside the
+workspace); tonight's run (params, tags, metrics, artifacts, plots); the model registry
+(both models registered once per model key; the `champion` alias); and the read side of
+`recflow runs`. MLflow is imported inside the functions, so importing this module is
+cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+from schemas.config import Run
+from schemas.tables import ModelDir, ModelSet, Snapshot, StageRecord
+from tasks.workspace import RecflowError, code_version, publish_dir, temp_dir
+
+log = logging.getLogger(__name__)
+
+RETRIEVAL_MODEL = "recflow-retrieval"
+RANKING_MODEL = "recflow-ranking"
+CHAMPION = "champion"
+MODEL_KEY = "model_key"  # the tag that names a registered version's models directory
+METRIC_PREFIX = {"retrieval+ranking": "", "retrieval": "retrieval_", "popularity": "popularity_"}  # per model
+
+
+def tracking_uri(workspace: Path) -> str:
+    """MLFLOW_TRACKING_URI when set (a real server), else sqlite inside the workspace."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace / 'mlflow.db'}"
+
+
+def check_tracking(workspace: Path) -> None:
+    """Fail fast, before any heavy work, when the MLflow tracking server does not answer."""
+    import urllib.request
+
+    uri = tracking_uri(workspace)
+    if not uri.startswith("http"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            return
+    except OSError as error:
+        raise RecflowError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(error, 'reason', error)}); start it "
+            "(`recflow stack up`) or unset MLFLOW_TRACKING_URI to track in the workspace's sqlite store"
+        ) from None
+
+
+def client(workspace: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(workspace)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# --- tonight's run -------------------------------------------------------------------
+
+
+def start_run(run: Run, snapshot: Snapshot) -> str:
+    """Open tonight's MLflow run with the config as params, tagged so the compare view
+    lines nights up; return its id."""
+    from mlflow.entities import Param
+
+    mlflow = client(run.workspace)
+    experiment = run.config.mlflow_experiment
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        location = (run.workspace / "mlartifacts").as_uri() if local else None
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    tags = {"run_date": run.run_date.isoformat(), "source": run.config.source, "data_hash": snapshot.data_hash,
+            "code_version": code_version()}
+    created = mlflow.create_run(experiment_id, run_name=f"nightly-{run.run_date.isoformat()}", tags=tags)
+    params = _flatten(run.config.model_dump(mode="json", exclude={"run_date", "workspace"}))
+    params["run_date"] = run.run_date
+    mlflow.log_batch(created.info.run_id, params=[Param(key, str(value)[:500]) for key, value in params.items()])
+    log.info("MLflow run %s at %s", created.info.run_id, tracking_uri(run.workspace))
+    return created.info.run_id
+
+
+def log_outcome(workspace: Path, run_id: str, stages: dict[str, StageRecord], seconds: float,
+                artifacts: dict[str, Path]) -> None:
+    """Log what tonight's stages report: each stage's seconds, which of them reused an
+    earlier run's output, what each measured (`StageRecord.run_metrics`, `run_tags`), the
+    run's total seconds, and `artifacts` (name -> file or directory)."""
+    from mlflow.entities import Metric, RunTag
+
+    reused = [name for name, record in stages.items() if record.reused]
+    metrics = {f"time_{name}_s": record.seconds for name, record in stages.items()}
+    tags = {"reused_stages": ",".join(reused) or "none"}
+    for record in stages.values():
+        metrics |= record.run_metrics()
+        tags |= record.run_tags()
+    metrics |= {"time_total_s": round(seconds, 2), "stages_reused": len(reused)}
+    mlflow = client(workspace)
+    now = int(time.time() * 1000)
+    mlflow.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                     tags=[RunTag(key, value) for key, value in tags.items()])
+    for name, path in artifacts.items():
+        if path.is_dir():
+            mlflow.log_artifacts(run_id, str(path), name)
+        elif path.exists():
+            mlflow.log_artifact(run_id, str(path), name)
+
+
+def end_run(workspace: Path, run_id: str, failed: bool = False) -> None:
+    client(workspace).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def run_link(workspace: Path, run_id: str) -> str:
+    """Where to look at a run: its page in the MLflow UI, or the local tracking URI."""
+    uri = tracking_uri(workspace)
+    if not uri.startswith("http"):
+        return uri
+    experiment_id = client(workspace).get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def log_evaluation(workspace: Path, run_id: str, metrics: dict[str, float], table: list[dict],
+                   curves: dict[str, dict[str, float]], models: ModelSet, decision: dict[str, str]) -> None:
+    """The evaluation stage's results in tonight's run: held-out `metrics`, the metrics
+    `table` as metrics.csv, each model's recall@K curve (`curves`: model -> K -> recall; a
+    stepped metric `<METRIC_PREFIX>recall_curve`, step K), both models as artifacts, the
+    plots and the champion `decision` tags."""
+    from mlflow.entities import Metric, RunTag
+
+    mlflow = client(workspace)
+    now = int(time.time() * 1000)
+    stepped = [Metric(f"{METRIC_PREFIX[name]}recall_curve", value, now, int(k)) for name, curve in curves.items()
+               for k, value in curve.items()]
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()] + stepped)
+    with tempfile.TemporaryDirectory() as scratch:
+        pl.DataFrame(table).write_csv(Path(scratch) / "metrics.csv")
+        mlflow.log_artifact(run_id, str(Path(scratch) / "metrics.csv"))
+    mlflow.log_artifacts(run_id, str(models.path), "models")
+    for name, figure in _plots(curves, models).items():
+        mlflow.log_figure(run_id, figure, f"plots/{name}.png")
+    mlflow.log_batch(run_id, tags=[RunTag(key, value) for key, value in decision.items()])
+
+
+def _plots(curves: dict[str, dict[str, float]], models: ModelSet) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    recall, axes = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        axes.plot([int(k) for k in curve], list(curve.values()), marker="o", label=name)
+    axes.set(xscale="log", xlabel="K", ylabel="recall@K", title="Recall@K on the held-out split")
+    axes.legend()
+    training, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (name, trained) in zip(axes, (("retrieval", models.retrieval), ("ranking", models.ranking))):
+        for series, values in trained.history.items():
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=series)
+        ax.set(xlabel="epoch", title=f"{name} training")
+        ax.legend()
+    figures = {"recall_at_k": recall, "training": training}
+    for figure in figures.values():
+        figure.tight_layout()
+        plt.close(figure)
+    return figures
+
+
+# --- the registry --------------------------------------------------------------------
+
+
+def register(workspace: Path, run_id: str, model_key: str) -> str:
+    """Register both models of `run_id` (its `models` artifact) as versions tagged with
+    `model_key`, once: a version already registered for `model_key` is found and reused, so
+    a rerun or retry never registers the same models twice. Returns the retrieval model's
+    version."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow = client(workspace)
+    artifacts = f"{mlflow.get_run(run_id).info.artifact_uri}/models"
+    versions = []
+    for name, path in ((RETRIEVAL_MODEL, ModelDir.RETRIEVAL), (RANKING_MODEL, ModelDir.RANKING)):
+        found = mlflow.search_model_versions(f"name='{name}' and tags.{MODEL_KEY}='{model_key}'")
+        if found:
+            versions.append(min(found, key=lambda version: int(version.version)).version)
+            continue
+        try:
+            mlflow.create_registered_model(name, description="recflow nightly model (SavedModel)")
+        except MlflowException:
+            pass  # already registered
+        versions.append(
+            mlflow.create_model_version(name, f"{artifacts}/{path}", run_id=run_id, tags={MODEL_KEY: model_key}).version
+        )
+    return str(versions[0])
+
+
+def promote(workspace: Path, version: str) -> None:
+    """Make `version` of both models the champion. The retrieval model's alias is the commit
+    point (`champion` reads only it), so it moves last: a run killed in between leaves the
+    old champion whole."""
+    mlflow = client(workspace)
+    for name in (RANKING_MODEL, RETRIEVAL_MODEL):
+        mlflow.set_registered_model_alias(name, CHAMPION, version)
+
+
+def champion(workspace: Path):
+    """(registered version, its models directory) of the current champion, or None.
+
+    The models directory is models/<model key> in the workspace, downloaded from the
+    version's MLflow run when the workspace lacks it (a fresh machine, a lost workspace).
+    """
+    from mlflow.exceptions import MlflowException
+
+    mlflow = client(workspace)
+    try:
+        version = mlflow.get_model_version_by_alias(RETRIEVAL_MODEL, CHAMPION)
+    except MlflowException:
+        return None
+    models = ModelDir.of(workspace, version.tags.get(MODEL_KEY, version.run_id))
+    if not models.is_complete():
+        staging = temp_dir(workspace, "champion")
+        mlflow.download_artifacts(version.run_id, "models", str(staging))
+        publish_dir(staging / "models", models.path)
+    return version, models
+
+
+def champion_models(workspace: Path) -> ModelDir | None:
+    """The current champion's models directory, or None when there is none."""
+    found = champion(workspace)
+    return found[1] if found else None
+
+
+# --- reading runs back ---------------------------------------------------------------
+
+
+def recent_runs(workspace: Path, experiment: str, last: int) -> pl.DataFrame | None:
+    """The last runs side by side (one column per run, newest first), for `recflow runs`."""
+    mlflow = client(workspace)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last)
+    fields = {
+        "status": lambda r: r.info.status,
+        "promoted": lambda r: r.data.tags.get("promoted", ""),
+        "stages reused": lambda r: _count(r.data.tags.get("reused_stages", "")),
+        "source": lambda r: r.data.tags.get("source", ""),
+        "data hash": lambda r: r.data.tags.get("data_hash", ""),
+        **{
+            label: (lambda r, key=key: _cell(r.data.metrics.get(key)))
+            for label, key in (
+                ("ndcg@10", "ndcg_at_10"), ("recall@10", "recall_at_10"), ("champion ndcg@10", "champion_ndcg_at_10"),
+                ("retrieval-only ndcg@10", "retrieval_ndcg_at_10"), ("popularity ndcg@10", "popularity_ndcg_at_10"),
+                ("retrieval epochs", "retrieval_epochs"), ("output rows", "output_rows"),
+                ("interactions", "data_interactions"), ("total seconds", "time_total_s"),
+            )
+        },
+        "run id": lambda r: r.info.run_id,
+    }
+    columns = {"": list(fields)}
+    for found_run in runs:
+        label = f"{found_run.data.tags.get('run_date', '?')} ({found_run.info.run_id[:6]})"
+        columns[label] = [get(found_run) for get in fields.values()]
+    return pl.DataFrame(columns)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else str(round(value, 4))
+
+
+def _count(stages: str) -> str:
+    return str(len(stages.split(","))) if stages and stages != "none" else "0"
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,45 @@
+"""The stage cache: a key that sees every code change, and records that follow their workspace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from schemas.tables import FeatureSet
+from tasks.workspace import reuse, stamp
+from tests.conftest import git, source_tree
+
+
+def code_version_of(tree) -> str:
+    return subprocess.run([sys.executable, "-c", "from tasks.workspace import code_version; print(code_version())"],
+                          cwd=tree, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_code_version_changes_with_any_source_edit_with_or_without_git(tmp_path):
+    tree = source_tree(tmp_path)
+    shipped = code_version_of(tree)
+    with open(tree / "tasks" / "lists.py", "a") as edited:
+        edited.write("\n# an edit\n")
+    assert code_version_of(tree) != shipped  # no .git: the deployed case
+
+    git(tree, "init", "-q")
+    git(tree, "add", "-A")
+    git(tree, "commit", "-q", "-m", "snapshot")
+    committed = code_version_of(tree)
+    (tree / "schemas" / "new_module.py").write_text('"""An uncommitted new file."""\n')
+    assert code_version_of(tree) != committed  # uncommitted: still a different version
+    (tree / "schemas" / "new_module.py").unlink()
+    assert code_version_of(tree) == committed  # the same files give the same version
+
+
+def test_a_reused_record_points_at_the_directory_it_was_found_in(tmp_path):
+    record = FeatureSet(key="k1", path=tmp_path / "old" / "features", n_users=1, n_items=2, n_categories=0,
+                        n_title_tokens=0, split_sizes={"fit": 3}, seconds=4.0)
+    stamp(tmp_path / "moved", record)  # as if the workspace had moved since
+
+    found = reuse(tmp_path / "moved", "k1", FeatureSet)
+
+    assert found.reused and found.path == tmp_path / "moved" and found.split_sizes == {"fit": 3}
+    assert found.seconds == 0.0  # how long a run took is never stored
+    assert reuse(tmp_path / "moved", "another key", FeatureSet) is None
+    assert reuse(tmp_path / "elsewhere", "k1", FeatureSet) is None
