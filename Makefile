@@ -30,7 +30,8 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # Quality against the classical baselines (docs/quality.md) on real data, which the repository
-# does not ship: a directory (make bench DATASET=path/to/data) or a GroupLens archive.
-DATASET ?= movielens:ml-latest-small
+# does not ship: directories and GroupLens archives (make bench DATASETS="movielens:ml-latest-small
+# synthetic path/to/data"); results in bench/results/, tables in the README.
+DATASETS ?= movielens:ml-latest-small synthetic
 bench: setup
-	.venv/bin/recflow bench $(DATASET) --out bench/results/quality-$(notdir $(subst movielens:,,$(DATASET))).json
+	.venv/bin/recflow bench $(DATASETS)

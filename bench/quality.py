@@ -3,11 +3,12 @@
 Applies the quality protocol (docs/quality.md) to a dataset directory: for each user with at least
 5 interactions, the latest 20% (rounded up; ordered by timestamp, ties by item id) are
 hidden; hidden items never seen in the visible part are dropped. The real pipeline
-(`recflow run`, default settings) runs on the visible part only, in a subprocess; its
-written top-10 lists are scored on the hidden part with the same metric functions the
-pipeline uses, next to a popularity baseline computed on the same split.
+(`recflow run --top-k 10`, default settings) runs on the visible part only, in a subprocess;
+its written top-10 lists are scored on the hidden part with the same metric functions the
+pipeline uses, next to classical baselines computed on the same split: popularity, item-kNN,
+EASE, recency-weighted EASE and iALS. Each dataset's table replaces its block in the README.
 
-    python bench/quality.py DATASET_DIR [--out bench/results/quality.json]
+    python bench/quality.py DATASET [DATASET ...]   (bench/results/quality-<name>.json, README tables)
 """
 
 from __future__ import annotations
@@ -104,15 +105,31 @@ def load(dataset: str) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     return interactions, items
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", help="a dataset directory, 'movielens:<name>' or 'synthetic'")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
-    args = parser.parse_args()
-    interactions, items = load(args.dataset)
+def label(dataset: str) -> str:
+    """The short name of a dataset in result files and the README: its directory or archive name."""
+    return dataset.split(":", 1)[1] if dataset.startswith("movielens:") else Path(dataset).name
+
+
+def popularity_ratio(lists: pl.DataFrame, visible: pl.DataFrame, truth: pl.DataFrame) -> float:
+    """Popularity bias of top-K lists: the mean visible-part interaction count of the listed
+    items over that of the items users actually picked next (1 = as popular as the truth,
+    above 1 = leaning to the head of the catalogue)."""
+    counts = visible.group_by(pl.col("item_id").alias("item")).agg(pl.len().alias("n"))
+    listed = lists.filter(pl.col("rank") <= K).join(counts, on="item", how="left")["n"].fill_null(0).mean()
+    picked = truth.join(counts, on="item", how="left")["n"].fill_null(0).mean()
+    return float(listed / picked) if picked else float("nan")
+
+
+def bench(dataset: str) -> dict:
+    """One dataset's report: recflow's written top-K lists and each baseline's, scored alike."""
+    interactions, items = load(dataset)
     visible, hidden = split(interactions)
     truth = hidden.select(pl.col("user_id").alias("user"), pl.col("item_id").alias("item"))
     n_items = visible["item_id"].n_unique()
+
+    def score(lists: pl.DataFrame) -> dict[str, float]:
+        return ranking_metrics(lists, truth, K, n_items) | {"popularity_ratio": popularity_ratio(lists, visible, truth)}
+
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         data, workspace = Path(scratch) / "visible", Path(scratch) / "workspace"
@@ -123,36 +140,78 @@ def main() -> None:
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--source", str(data), "--workspace", str(workspace),
-             "--run-date", RUN_DATE],
+             "--run-date", RUN_DATE, "--top-k", str(K)],
             check=True, cwd=Path(__file__).resolve().parents[1],
         )
         runtime = time.perf_counter() - started
         written = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
-        results["recflow (retrieval + ranking)"] = ranking_metrics(
-            written.select(pl.col("user_id").alias("user"), pl.col("item_id").alias("item"), "rank"), truth, K, n_items
+        results["recflow (as written)"] = score(
+            written.select(pl.col("user_id").alias("user"), pl.col("item_id").alias("item"), "rank")
         ) | {"seconds": runtime}
-        results["recflow retrieval only (same run's model)"] = ranking_metrics(
-            retrieval_only(workspace), truth, K, n_items
-        )
+        results["recflow retrieval only (same run's two-tower model)"] = score(retrieval_only(workspace))
     for name, (lists, seconds) in classical(visible, hidden["user_id"].unique().to_list()).items():
-        results[name] = ranking_metrics(lists, truth, K, n_items) | {"seconds": seconds}
+        results[name] = score(lists) | {"seconds": seconds}
     ials_rows = [name for name in results if name.startswith("iALS")]
     best = max(ials_rows, key=lambda name: results[name]["ndcg"])
     results = {name: values for name, values in results.items() if name not in ials_rows or name == best}
-    report = {
-        "dataset": args.dataset,
+    return {
+        "dataset": dataset,
         "protocol": "per user with >=5 events, latest 20% (ceil) hidden; hidden items unseen in visible dropped; "
-        "full ranking, seen excluded; Recall@10 = hits/min(10,#hidden); NDCG@10 binary gains",
+        "full ranking, seen excluded; lists written by `recflow run --top-k 10`; Recall@10 = hits/min(10,#hidden); "
+        "NDCG@10 binary gains; coverage = share of the visible catalogue in any top-10 list; popularity ratio = "
+        "mean visible count of listed items / that of the hidden items",
         "hidden_events": hidden.height,
         "users_scored": hidden["user_id"].n_unique(),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print("| model | NDCG@10 | Recall@10 | seconds |\n|---|---|---|---|")
-    for name, values in sorted(results.items(), key=lambda item: item[1]["ndcg"]):
-        seconds = f"{values['seconds']:.0f}" if "seconds" in values else "-"
-        print(f"| {name} | {values['ndcg']:.4f} | {values['recall']:.4f} | {seconds} |")
+
+
+def table(report: dict) -> str:
+    """The report as a markdown table, weakest to strongest, with recflow's ratio to the best baseline."""
+    results = report["results"]
+    classical_best = max((v for n, v in results.items() if not n.startswith("recflow")), key=lambda v: v["ndcg"])
+    ours = results["recflow (as written)"]
+    rows = ["| model | NDCG@10 | Recall@10 | coverage@10 | popularity ratio | seconds |", "|---|---|---|---|---|---|"]
+    for name, v in sorted(results.items(), key=lambda item: item[1]["ndcg"]):
+        seconds = f"{v['seconds']:.0f}" if "seconds" in v else "-"
+        bold = "**" if v is ours else ""
+        rows.append(f"| {bold}{name}{bold} | {bold}{v['ndcg']:.4f}{bold} | {bold}{v['recall']:.4f}{bold} | "
+                    f"{v['coverage']:.3f} | {v['popularity_ratio']:.2f} | {seconds} |")
+    rows.append(f"\nrecflow / best classical baseline: NDCG@10 {ours['ndcg'] / classical_best['ndcg']:.2f}x, "
+                f"Recall@10 {ours['recall'] / classical_best['recall']:.2f}x; {report['users_scored']} users, "
+                f"{report['hidden_events']} hidden events.")
+    return "\n".join(rows)
+
+
+def write_readme(readme: Path, name: str, text: str) -> bool:
+    """Replace the README's block between `<!-- quality:NAME -->` and `<!-- /quality:NAME -->`;
+    False when the README has no such block."""
+    begin, end = f"<!-- quality:{name} -->", f"<!-- /quality:{name} -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    readme.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("datasets", nargs="+", help="dataset directories, 'movielens:<name>' or 'synthetic'")
+    parser.add_argument("--results", type=Path, default=Path("bench/results"),
+                        help="where to write quality-<dataset>.json")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md",
+                        help="README whose quality:<dataset> blocks receive the tables")
+    args = parser.parse_args()
+    for dataset in args.datasets:
+        report = bench(dataset)
+        name = label(dataset)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"quality-{name}.json").write_text(json.dumps(report, indent=2))
+        text = table(report)
+        print(f"\n{name}\n{text}", flush=True)
+        if args.readme.exists() and not write_readme(args.readme, name, text):
+            print(f"({args.readme} has no '<!-- quality:{name} -->' block; the table is not copied there)")
 
 
 if __name__ == "__main__":

@@ -109,12 +109,13 @@ def scoring(users: int, items: int, dim: int, n: int = 100, seen_per_user: int =
 def ranking(features, pairs: int = 1_024_000, block: int = 102_400) -> dict:
     """Ranker inference pairs/second, in the blocks scoring uses (1024 users x 100 candidates)."""
     from tasks import towers
+    from tasks.candidates import FEATURES
     from tasks.tfenv import tf
 
-    model = towers.Ranker(features, RankingConfig())
+    model = towers.Ranker(features, RankingConfig(), popularity_feature=FEATURES.index("log_item_popularity"))
     rng = np.random.default_rng(0)
-    numeric = rng.standard_normal((block, 5)).astype(np.float32)
-    model.adapt({"numeric": numeric})
+    numeric = rng.standard_normal((block, len(FEATURES))).astype(np.float32)
+    model.adapt(numeric)
     inputs = {
         "user_idx": tf.constant(rng.integers(1, features.n_users + 1, block).astype(np.int32)),
         "item_idx": tf.constant(rng.integers(1, features.n_items + 1, block).astype(np.int32)),

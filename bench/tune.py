@@ -77,7 +77,7 @@ def trial(source: Path, overrides: dict) -> dict:
             (pl.col("split") == "test") & pl.col("item_idx").is_in(visible["item_idx"].unique().implode())
         )
         users = np.unique(test["user_idx"].to_numpy())
-        lists = model_lists(models, features, visible, users, cfg.retrieval.candidates)
+        lists = model_lists(models, features, visible, users)
         truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
         return ranking_metrics(lists, truth, CUTOFF, features.n_items) | {"seconds": seconds}
 

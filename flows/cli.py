@@ -199,14 +199,15 @@ def stack(
 
 @app.command()
 def bench(
-    dataset: Annotated[str, typer.Argument(help="a dataset directory, 'movielens:<name>' or 'synthetic'")],
-    out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("bench/results/quality.json"),
+    datasets: Annotated[list[str], typer.Argument(help="dataset directories, 'movielens:<name>' or 'synthetic'")],
+    results: Annotated[Path, typer.Option(help="where to write quality-<dataset>.json")] = Path("bench/results"),
 ) -> None:
-    """Score `recflow run` against classical baselines under the quality protocol (docs/quality.md)."""
+    """Score `recflow run --top-k 10` against classical baselines under the quality protocol
+    (docs/quality.md), one dataset after another; each table also replaces its README block."""
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
     if not script.exists():
         _fail(f"{script} not found; the benchmark runs from a source checkout")
-    raise typer.Exit(subprocess.call([sys.executable, str(script), dataset, "--out", str(out)]))
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *datasets, "--results", str(results)]))
 
 
 def _pipeline_config(path: Path | None, **flags):

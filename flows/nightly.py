@@ -1,8 +1,8 @@
 """The nightly DAG as one Prefect flow, and the backfill flow that replays it over past
 dates: wiring, parameters and artifacts only.
 
-ingest -> validate -> features -> train_retrieval -> train_ranking -> evaluate -> score -> publish -> catalogue
--> cleanup
+ingest -> validate -> features -> train_retrieval -> select -> train_ranking -> evaluate -> score -> publish
+-> catalogue -> cleanup
 
 Every stage is a task (tasks/<stage>.py) that takes the run and its upstream records and
 returns a record; a stage whose output an earlier run already computed from the same
@@ -27,6 +27,7 @@ from tasks.ingest import ingest_task
 from tasks.ranking import train_ranking_task
 from tasks.retrieval import train_retrieval_task
 from tasks.score import prepare_scoring_task, publish_task, score_shard_task
+from tasks.select import select_task
 from tasks.tracking import check_tracking, end_run, log_outcome, run_link, start_run
 from tasks.validate import validate_task
 from tasks.workspace import RecflowError, clean_temp, locked
@@ -46,14 +47,15 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
         try:
             features = features_task(run=run, snapshot=snapshot)
             retrieval = train_retrieval_task(run=run, features=features)
-            models = train_ranking_task(run=run, features=features, retrieval=retrieval)
+            selection = select_task(run=run, features=features, retrieval=retrieval)
+            models = train_ranking_task(run=run, features=features, retrieval=retrieval, selection=selection)
             decision = evaluate_task(run=run, features=features, models=models, run_id=run_id)
             job, shards = _score(run=run, features=features, decision=decision)
             published = publish_task(run=run, job=job, shards=shards, run_id=run_id)
             catalogue = catalogue_task(run=run, snapshot=snapshot, features=features, decision=decision)
             stages = {"ingest": staged, "validate": snapshot, "features": features, "train_retrieval": retrieval,
-                      "train_ranking": models, "evaluate": decision, "score": job, "publish": published,
-                      "catalogue": catalogue}
+                      "select": selection, "train_ranking": models, "evaluate": decision, "score": job,
+                      "publish": published, "catalogue": catalogue}
             seconds = time.perf_counter() - started
             log_outcome(run.workspace, run_id, stages, seconds, artifacts={"validation": snapshot.validation})
         except BaseException:
@@ -89,7 +91,7 @@ def _score(run: Run, features: FeatureSet, decision: ChampionDecision) -> tuple[
     slowest shard's."""
     job = prepare_scoring_task(run=run, features=features, decision=decision)
     shards = score_shard_task.map(run=unmapped(run), job=unmapped(job), shard=range(run.config.shards)).result()
-    return job.model_copy(update={"seconds": job.seconds + max(shard.seconds for shard in shards)}), shards
+    return job.model_copy(update={"seconds": round(job.seconds + max(shard.seconds for shard in shards), 2)}), shards
 
 
 def _summary(run: Run, run_id: str, stages: dict[str, StageRecord], seconds: float, cleanup: Cleanup) -> dict:

@@ -77,6 +77,10 @@ class RetrievalConfig(_Section):
     history_encoder: Literal["attention", "transformer", "gru"] = Field(
         "transformer", description="how the query tower reads the history: attention pooling, self-attention, GRU"
     )
+    user_embedding: bool = Field(
+        False, description="a learned embedding per user id in the query tower, beside the history (which already "
+        "carries the user); with short histories it overfits",
+    )
     batch_size: int = Field(512, ge=8)
     learning_rate: float = Field(0.003, gt=0)
     max_epochs: int = Field(15, ge=1)
@@ -88,7 +92,6 @@ class RetrievalConfig(_Section):
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
     temperature: float = Field(0.1, gt=0)
     l2: float = Field(0.0, ge=0)
-    candidates: int = Field(100, ge=1, description="top-N candidates handed to the ranker per user")
     warm_start: bool = Field(False, description="start training from the champion's weights, when there is one")
     strategy: Literal["default", "mirrored", "multi_worker"] = Field(
         "default",
@@ -98,11 +101,64 @@ class RetrievalConfig(_Section):
     devices: int = Field(1, ge=1, description="with the mirrored strategy and no GPU: logical CPU devices to mirror over")
 
 
+class CandidateConfig(_Section):
+    """Where each user's candidates come from (tasks/candidates.py); the ranker orders them.
+
+    The co-visitation source's item similarity is chosen every night by the selection stage
+    (tasks/select.py): each pair of `similarity_shrink` x `similarity_asymmetry` is scored on
+    the validation split, and the best one is used.
+    """
+
+    two_tower: int = Field(100, ge=1, description="the two-tower model's nearest items per user")
+    covisitation: int = Field(
+        200, ge=0, description="then the items co-occurring most with the user's recent history, beyond those"
+    )
+    half_life: float = Field(
+        5.0, gt=0, description="a history item's weight in co-visitation halves every this many later events"
+    )
+    similarity_shrink: list[float] = Field(
+        [10.0, 50.0, 200.0], min_length=1,
+        description="shrinkage of the item similarity tried by the selection: larger values trust items that "
+        "co-occur rarely less",
+    )
+    similarity_asymmetry: list[float] = Field(
+        [0.5, 0.7, 0.9], min_length=1,
+        description="asymmetry of the item similarity tried by the selection: 0.5 is cosine; towards 1 a "
+        "history item's popularity is discounted more and a candidate's less",
+    )
+    selection_seconds: float = Field(
+        120.0, gt=0, description="time budget of the selection: the first pair is always scored, the others "
+        "while the budget lasts",
+    )
+
+    @field_validator("similarity_shrink", "similarity_asymmetry")
+    @classmethod
+    def _valid_values(cls, values: list[float], info) -> list[float]:
+        bad = [v for v in values if v < 0 or (info.field_name == "similarity_asymmetry" and v > 1)]
+        if bad:
+            bound = "between 0 and 1" if info.field_name == "similarity_asymmetry" else "at least 0"
+            raise ValueError(f"{bad} must be {bound}")
+        return values
+
+
 class RankingConfig(_Section):
+    """The ranker trains on the candidate lists of users with `valid` events. Two probe
+    rankers, each trained on one seeded half of the lists until its loss on the other half
+    stops falling, give every list scores from a ranker that never saw it; those choose the
+    epochs and the popularity discount. The ranker kept then trains on every list that long,
+    with that discount."""
+
     embedding_dim: int = Field(32, ge=4)
     batch_size: int = Field(32, ge=1, description="users (candidate lists) per batch")
     learning_rate: float = Field(0.002, gt=0)
-    epochs: int = Field(3, ge=1)
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(3, ge=1, description="epochs without a lower held-out loss before stopping")
+    popularity_discounts: list[float] = Field(
+        [0.0, 0.1, 0.2, 0.3, 0.5], min_length=1,
+        description="discounts of the ranker's score by log item popularity tried on the cross-fitted lists; another "
+        "than the first is kept only when its NDCG@10 there is clearly better (a paired t of at least 2): lists "
+        "reach further into the long tail where the data supports it. One value forces that discount",
+    )
     cross_layers: int = Field(1, ge=0)
     l2: float = Field(1e-4, ge=0)
     id_embeddings: bool = Field(False, description="user and item id embeddings in the ranker (overfit on small data)")
@@ -119,6 +175,11 @@ class ListConfig(_Section):
         1, ge=0, le=100,
         description="the last positions of a list, given to the user's best-retrieved new items (in the catalogue, "
         "no interactions yet) when the candidates hold any: new items get seen, and so get their first events",
+    )
+    new_items_from_rank: int = Field(
+        11, ge=1,
+        description="new-item slots go no higher than this rank: the top of a list stays the model's best "
+        "(so a list of 10 gets none unless this is lowered)",
     )
 
 
@@ -166,6 +227,7 @@ class PipelineConfig(_Section):
     validation: ValidationConfig = ValidationConfig()
     features: FeatureConfig = FeatureConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    candidates: CandidateConfig = CandidateConfig()
     ranking: RankingConfig = RankingConfig()
     lists: ListConfig = ListConfig()
     privacy: PrivacyConfig = PrivacyConfig()

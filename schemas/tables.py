@@ -106,6 +106,10 @@ class StageRecord(BaseModel):
         """What this record adds to the tags of tonight's MLflow run."""
         return {}
 
+    def run_tables(self) -> dict[str, list[dict]]:
+        """Tables (file name -> rows) this record adds to tonight's MLflow run as CSV artifacts."""
+        return {}
+
 
 class Snapshot(StageRecord):
     """A run's validated input: where it lies and what it holds."""
@@ -209,12 +213,56 @@ class ModelDir(BaseModel):
         return self.vocabulary / "privacy.json"
 
     @property
+    def settings(self) -> Path:
+        """How the models are used: the model format and the selection behind their
+        candidate sources (tasks/inference.py:save_settings)."""
+        return self.path / "settings.json"
+
+    @property
     def evaluation(self) -> Path:
         """Cached held-out metrics of these models, one file per feature set and list config."""
         return self.path / "evaluation"
 
     def is_complete(self) -> bool:
         return (self.ranking_path / "saved_model.pb").exists()
+
+
+class CandidateSources(BaseModel):
+    """How a model draws its candidates: what its ranker was trained on, and what scoring
+    with it uses (tasks/candidates.py)."""
+
+    two_tower: int
+    covisitation: int
+    half_life: float
+    shrink: float  # of the co-visitation item similarity (tasks/inference.py:item_similarity)
+    asymmetry: float
+
+
+class Trial(BaseModel):
+    """One co-visitation similarity the selection scored on the validation split."""
+
+    shrink: float
+    asymmetry: float
+    ndcg: float | None = None  # of co-visitation's own top 10; None when the time budget ran out first
+    recall: float | None = None  # of its candidates (`covisitation` of them)
+    seconds: float = 0.0
+
+
+class Selection(StageRecord):
+    """The candidate sources chosen for tonight's models, and every trial behind the choice."""
+
+    sources: CandidateSources
+    trials: list[Trial]
+    users: int  # validation users the trials were scored on
+
+    def run_metrics(self) -> dict[str, float]:
+        chosen = next(t for t in self.trials if (t.shrink, t.asymmetry) == (self.sources.shrink, self.sources.asymmetry))
+        return {"selection_shrink": self.sources.shrink, "selection_asymmetry": self.sources.asymmetry,
+                "selection_trials": sum(t.ndcg is not None for t in self.trials),
+                "selection_covisitation_ndcg_at_10": chosen.ndcg or 0.0}
+
+    def run_tables(self) -> dict[str, list[dict]]:
+        return {"selection.csv": [trial.model_dump() for trial in self.trials]}
 
 
 class TrainedModel(StageRecord):

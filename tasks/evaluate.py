@@ -1,6 +1,6 @@
 """Evaluation: metrics on the held-out split, the registry and the champion gate.
 
-Sixth stage of the nightly DAG. It scores popularity, retrieval alone and retrieval +
+Seventh stage of the nightly DAG. It scores popularity, retrieval alone and retrieval +
 ranking on each user's latest (`test`) events with the metric functions the benchmarks
 use (tasks/metrics.py), logs the results to tonight's MLflow run, registers both models,
 and promotes them to `champion` only when they beat the current champion on NDCG@10 on
@@ -19,7 +19,7 @@ from schemas.config import ListConfig, Run
 from schemas.tables import ChampionDecision, FeatureSet, ModelDir, ModelSet
 from tasks import privacy, tracking
 from tasks.features import Features, load_features, user_histories
-from tasks.inference import RetrievalBundle, as_table, retrieve, rows_of
+from tasks.inference import RetrievalBundle, as_table, candidate_settings, retrieve, rows_of
 from tasks.lists import recommend
 from tasks.metrics import list_metrics, ranking_metrics
 from tasks.stage import stage
@@ -37,8 +37,8 @@ def evaluate(run: Run, features: FeatureSet, models: ModelSet, run_id: str) -> C
     A champion that may have learned from a user now on the deletion list is retired:
     tonight's models replace it whatever their metrics.
     """
-    n_candidates, lists = run.config.retrieval.candidates, run.config.lists
-    results = heldout_metrics(models, features, n_candidates, lists=lists)
+    lists = run.config.lists
+    results = heldout_metrics(models, features, lists=lists)
     flat = {f"{tracking.METRIC_PREFIX[name]}{metric}_at_{CUTOFF}": value for name, values in results.items()
             if name != "curve" for metric, value in values.items()}
     champion = tracking.champion(run.workspace)
@@ -51,11 +51,14 @@ def evaluate(run: Run, features: FeatureSet, models: ModelSet, run_id: str) -> C
         version = tracking.register(run.workspace, run_id, models.key)
         if champion is None:
             promote, reason = True, "no champion yet"
+        elif candidate_settings(champion[1]) is None:
+            promote = True
+            reason = f"champion v{champion[0].version} was trained by an earlier recflow whose models this one cannot score: retired"
         elif privacy.remembers(champion[1], run.config.privacy, run.workspace):
             promote = True
             reason = f"champion v{champion[0].version} was trained with users now on the deletion list: retired"
         else:
-            held = heldout_metrics(champion[1], features, n_candidates, baselines=False, lists=lists)
+            held = heldout_metrics(champion[1], features, baselines=False, lists=lists)
             held = held["retrieval+ranking"]
             flat |= {f"champion_{m}_at_{CUTOFF}": v for m, v in held.items()}
             promote = new_ndcg > held["ndcg"]
@@ -79,8 +82,7 @@ def evaluate(run: Run, features: FeatureSet, models: ModelSet, run_id: str) -> C
 
 
 def heldout_metrics(
-    models: ModelDir, feature_set: FeatureSet, n_candidates: int, baselines: bool = True,
-    lists: ListConfig = ListConfig(),
+    models: ModelDir, feature_set: FeatureSet, baselines: bool = True, lists: ListConfig = ListConfig()
 ) -> dict:
     """Accuracy and list metrics@10 of retrieval + ranking (and, with `baselines`, of
     popularity and retrieval alone) on the test split, plus recall at several cut-offs
@@ -101,7 +103,7 @@ def heldout_metrics(
     test = test.filter(pl.col("user_idx").is_in(users.tolist()))
     truth = test.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
     deepest = max(CURVE)
-    table = {"retrieval+ranking": model_lists(models, features, visible, users, n_candidates, deepest, lists)}
+    table = {"retrieval+ranking": model_lists(models, features, visible, users, deepest, lists)}
     if baselines:
         table |= {
             "popularity": popularity_lists(features, visible, users, deepest),
@@ -137,10 +139,10 @@ def retrieval_lists(
 
 
 def model_lists(
-    models: ModelDir, features: Features, visible: pl.DataFrame, users: np.ndarray, n: int, k: int = CUTOFF,
+    models: ModelDir, features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF,
     lists: ListConfig = ListConfig(),
 ) -> pl.DataFrame:
-    recs = recommend(models, features, users, visible, n, k, lists=lists)
+    recs = recommend(models, features, users, visible, k, lists=lists)
     return recs.join(features.items.select("item_id", "item_idx"), on="item_id", how="left").select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").fill_null(-1).alias("item"), "rank"
     )

@@ -3,12 +3,14 @@
 Loading an exported retrieval model and retrieving each user's top-N unseen items by
 blocked matrix products; mapping tonight's ids into a model's vocabulary (a champion
 trained on an earlier night scores tonight's users); the classical item-to-item
-co-occurrence signal; and the ranker's per-candidate features. Plain numpy, scipy and
-polars: TensorFlow is imported only to load a SavedModel.
+similarity behind co-visitation candidates; and the settings recorded with a models
+directory (its format, the selected candidate sources). Plain numpy, scipy and polars:
+TensorFlow is imported only to load a SavedModel.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,12 +19,16 @@ import polars as pl
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from schemas.tables import ModelDir
+from schemas.tables import CandidateSources, ModelDir, Selection
 from tasks.features import Features
+from tasks.workspace import write_json
 
 BLOCK_SCORES = 2**23  # scores per block in `retrieve` (32 MiB of float32)
-NEIGHBOURS = 500  # similar items kept per item for the co-occurrence feature
+NEIGHBOURS = 500  # similar items kept per item by item_similarity (co-visitation)
 N_ITEMS = "n_items.npy"  # beside the retrieval SavedModel: the size of its item vocabulary
+# The layout and inputs of a models directory. Bumped when this code can no longer score
+# models an earlier version trained (2: the ranker reads candidates from two sources).
+MODEL_FORMAT = 2
 
 
 def retrieve(
@@ -136,6 +142,30 @@ def as_table(users: np.ndarray, top: np.ndarray) -> pl.DataFrame:
     )
 
 
+def save_settings(models: ModelDir, selection: Selection) -> None:
+    """Record beside the models how they are used: the model format, and the selection of
+    the candidate sources their ranker is trained on (scoring draws candidates the same
+    way)."""
+    payload = {"format": MODEL_FORMAT, "selection": selection.model_dump(mode="json", exclude={"reused", "seconds"})}
+    write_json(payload, models.settings)
+
+
+def read_selection(models: ModelDir) -> Selection | None:
+    """The selection recorded with `models`, or None when this code cannot score them
+    (models of an earlier format)."""
+    try:
+        settings = json.loads(models.settings.read_text())
+    except (OSError, ValueError):
+        return None
+    return Selection.model_validate(settings["selection"]) if settings.get("format") == MODEL_FORMAT else None
+
+
+def candidate_settings(models: ModelDir) -> CandidateSources | None:
+    """The candidate sources of `models`, or None when this code cannot score them."""
+    selection = read_selection(models)
+    return selection.sources if selection else None
+
+
 def model_user_map(models: ModelDir, features: Features) -> np.ndarray:
     """Tonight's user_idx -> the models' user_idx (0 for users the models never saw)."""
     return index_map(features.users, pl.read_parquet(models.users), "user_id", "user_idx")
@@ -156,48 +186,21 @@ def index_map(tonight: pl.DataFrame, model_vocab: pl.DataFrame, id_column: str, 
     return mapping
 
 
-def candidate_features(
-    user_idx: np.ndarray,
-    candidates: np.ndarray,
-    scores: np.ndarray,
-    item_popularity: np.ndarray,
-    activity: np.ndarray,
-    together: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The ranker's inputs for each (user, candidate) pair, flattened row-major.
-
-    `candidates`, `scores` and `together` (co-occurrence with the user's recent history)
-    are (users x N); `activity` is each user's number of history events; `item_popularity`
-    is indexed by item.
-    """
-    n = candidates.shape[1]
-    return {
-        "user_idx": np.repeat(user_idx, n).astype(np.int32),
-        "item_idx": candidates.ravel().astype(np.int32),
-        "numeric": np.stack(
-            [
-                scores.ravel(),
-                np.log1p(np.tile(np.arange(n), user_idx.size)),
-                np.log1p(item_popularity[candidates.ravel()]),
-                np.log1p(np.repeat(activity, n)),
-                together.ravel(),
-            ],
-            axis=1,
-        ).astype(np.float32),
-    }
-
-
 def item_similarity(
-    users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0, neighbours: int = NEIGHBOURS,
-    block: int | None = None,
+    users: np.ndarray, items: np.ndarray, n_items: int, shrink: float = 10.0, asymmetry: float = 0.5,
+    neighbours: int = NEIGHBOURS, block: int | None = None,
 ) -> sp.csr_matrix:
-    """Item-item cosine similarity of co-occurrence in user histories, shrunk towards zero,
-    keeping each item's `neighbours` most similar items.
+    """Item-item similarity of co-occurrence in user histories, keeping each item's
+    `neighbours` most similar items: the classical collaborative signal (item-kNN) behind
+    co-visitation candidates.
 
-    A classical collaborative signal (item-kNN) the ranker gets as a feature. Computed
-    `block` items at a time (by default about 4M similarities: 16 MiB, plus the partition's
-    int64 indices), so memory stays flat whatever the catalogue size. Row and column 0
-    (padding / unknown) stay empty.
+    similarity(i, j) = together(i, j) / (n_i ** asymmetry * n_j ** (1 - asymmetry) + shrink),
+    with together(i, j) the users who have both items and n_i those who have i. Row i is
+    a history item, column j a candidate; asymmetry 0.5 is cosine, larger values discount
+    popular history items more and popular candidates less; `shrink` pulls pairs seen
+    together by few users towards zero. Computed sparse, `block` items at a time (by default
+    rows of about 4M possible similarities), so memory stays flat whatever the catalogue
+    size. Row and column 0 (padding / unknown) stay empty.
     """
     block = block or max(16, 2**22 // (n_items + 1))
     keep = items > 0
@@ -207,40 +210,28 @@ def item_similarity(
     )
     matrix.data[:] = 1.0  # repeated events count once
     by_item = matrix.T.tocsr()
-    norms = np.sqrt(np.asarray(matrix.sum(axis=0)).ravel())
-    width = min(neighbours, n_items + 1)
-    rows, columns, values = [], [], []
+    counts = np.asarray(matrix.sum(axis=0)).ravel()
+    parts = []
     for start in range(0, n_items + 1, block):
-        stop = min(start + block, n_items + 1)
-        together = (by_item[start:stop] @ matrix).toarray()
-        together[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        together /= norms[start:stop, None] * norms[None, :] + shrink
-        top = np.argpartition(together, -width, axis=1)[:, -width:]
-        rows.append(np.repeat(np.arange(start, stop), width))
-        columns.append(top.ravel())
-        values.append(np.take_along_axis(together, top, axis=1).ravel())
-    similarity = sp.csr_matrix(
-        (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(n_items + 1, n_items + 1)
-    )
+        together = (by_item[start : start + block] @ matrix).tocoo()
+        rows, columns = together.row + start, together.col
+        off_diagonal = rows != columns
+        rows, columns = rows[off_diagonal], columns[off_diagonal]
+        scale = counts[rows] ** asymmetry * counts[columns] ** (1 - asymmetry) + shrink
+        values = together.data[off_diagonal] / np.maximum(scale, 1e-12)
+        parts.append(_strongest_per_row(rows, columns, values, neighbours))
+    rows, columns, values = (np.concatenate(column) for column in zip(*parts)) if parts else ([], [], [])
+    similarity = sp.csr_matrix((values, (rows, columns)), shape=(n_items + 1, n_items + 1), dtype=np.float32)
     similarity.eliminate_zeros()
     return similarity
 
 
-def cooccurrence(
-    similarity: sp.csr_matrix, recent: np.ndarray, candidates: np.ndarray, half_life: float = 5.0, block: int = 1024
-) -> np.ndarray:
-    """Recency-weighted similarity of each candidate to the user's history (newest first).
-
-    An item's weight halves every `half_life` later events, as in recency-weighted EASE.
-    """
-    weights = np.power(0.5, np.arange(recent.shape[1]) / half_life).astype(np.float32)
-    result = np.zeros(candidates.shape, dtype=np.float32)
-    for start in range(0, recent.shape[0], block):
-        chunk = recent[start : start + block]
-        rows, positions = np.nonzero(chunk)
-        history = sp.csr_matrix(
-            (weights[positions], (rows, chunk[rows, positions])), shape=(chunk.shape[0], similarity.shape[0])
-        )
-        scores = (history @ similarity).toarray()
-        result[start : start + block] = np.take_along_axis(scores, candidates[start : start + block], axis=1)
-    return result
+def _strongest_per_row(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, width: int):
+    """The (row, column, value) triples with each row's `width` largest values (ties: the
+    lower column)."""
+    order = np.lexsort((columns, -values, rows))
+    rows, columns, values = rows[order], columns[order], values[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.zeros(0, np.int64)
+    rank = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
+    keep = rank < width
+    return rows[keep], columns[keep], values[keep]

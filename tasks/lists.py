@@ -1,7 +1,8 @@
 """Lists: from ranked candidates to each user's published list, and back.
 
 `recommend` is the one path from a model directory (retrieval + ranking SavedModels and
-their vocabularies) to top-K lists: retrieve candidates, re-rank them, choose the list
+their vocabularies) to top-K lists: draw candidates from both sources (tasks/candidates.py),
+rank them, choose the list
 (plain order, or maximal marginal relevance with `lists.diversity`), give the last
 positions to new items (`lists.new_item_slots`) and explain each item by the history item
 most like it. Scoring writes tonight's table with it and evaluation scores the held-out
@@ -18,16 +19,10 @@ import polars as pl
 import scipy.sparse as sp
 
 from schemas.config import ListConfig
-from schemas.tables import ModelDir, partition
+from schemas.tables import CandidateSources, ModelDir, partition
+from tasks.candidates import generate
 from tasks.features import MAX_CATEGORIES, Features, padded, user_histories
-from tasks.inference import (
-    RetrievalBundle,
-    candidate_features,
-    cooccurrence,
-    item_similarity,
-    model_item_map,
-    model_user_map,
-)
+from tasks.inference import RetrievalBundle, candidate_settings, item_similarity, model_item_map, model_user_map
 from tasks.workspace import RecflowError
 
 USERS_PER_BLOCK = 1024
@@ -40,7 +35,6 @@ def recommend(
     features: Features,
     users: np.ndarray,
     history: pl.DataFrame,
-    n_candidates: int,
     k: int,
     similarity: sp.csr_matrix | None = None,
     lists: ListConfig = ListConfig(),
@@ -50,15 +44,19 @@ def recommend(
 
     `history` holds the events (tonight's indices, sorted by user and time) that form each
     user's sequence and that are never recommended again; `similarity` is
-    `history_similarity(models, features, history)` when the caller already has it. With
+    `history_similarity(models, features, history)` when the caller already has it.
+    Candidates come from the sources the models' ranker was trained on
+    (tasks/candidates.py), and the ranker orders them. With
     `lists.diversity` above 0 the list is chosen from the ranked candidates by maximal
     marginal relevance over item categories (`diversify`), and `score` is that choice's
-    objective; then the last `lists.new_item_slots` positions go to new items
+    objective; then the last `lists.new_item_slots` positions (from rank
+    `lists.new_items_from_rank` on) go to new items
     (`make_room_for_new_items`). Users are scored USERS_PER_BLOCK at a time, in the order
     given. Returns one row per (user, rank) with the columns of RECS_SCHEMA.
     """
     from tasks.tfenv import tf
 
+    sources = _sources(models)
     user_map = model_user_map(models, features)
     item_map = model_item_map(models, features)
     model_items = pl.read_parquet(models.items, columns=["item_id", "item_idx", "title", "categories_idx"])
@@ -66,10 +64,10 @@ def recommend(
     item_ids = np.concatenate([[None], model_items["item_id"].to_numpy()]).astype(object)
     titles = np.concatenate([[None], model_items["title"].fill_null(model_items["item_id"]).to_numpy()]).astype(object)
     categories = padded(model_items["categories_idx"], MAX_CATEGORIES)
-    popularity = np.load(models.item_popularity)
     new = np.zeros(item_ids.size, dtype=bool)  # in tonight's catalogue, nobody has interacted with them yet
     new[item_map[features.items.filter(pl.col("popularity") == 0)["item_idx"].to_numpy()]] = True
     new[0] = False
+    popularity = np.load(models.item_popularity)
     retrieval = RetrievalBundle.load(models)
     unit = retrieval.item_embeddings / np.maximum(np.linalg.norm(retrieval.item_embeddings, axis=1, keepdims=True), 1e-12)
     ranker = tf.saved_model.load(str(models.ranking_path)).signatures["score"]
@@ -78,25 +76,24 @@ def recommend(
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
     if similarity is None:
         similarity = history_similarity(models, features, history)
-    n_candidates = max(n_candidates, k)
     frames = []
     for start in range(0, users.size, USERS_PER_BLOCK):
         block = np.sort(users[start : start + USERS_PER_BLOCK])
         exclude = _pairs_in(block, seen_users, seen_items)
-        candidates, scores = retrieval.retrieve(user_map[block], histories[block], exclude, n_candidates)
-        # Users who have seen nearly the whole catalogue get fewer real candidates than N.
-        real = np.isfinite(scores)
-        scores = np.where(real, scores, np.min(scores, where=real, initial=0.0))
-        together = cooccurrence(similarity, histories[block], candidates)
-        inputs = candidate_features(user_map[block], candidates, scores, popularity, activity[block], together)
-        ranked = ranker(**{name: tf.constant(value) for name, value in inputs.items()})["score"].numpy()
+        found = generate(retrieval.queries(user_map[block], histories[block]), retrieval.item_embeddings,
+                         histories[block], similarity, exclude, popularity, activity[block], sources, at_least=k)
+        candidates, real = found.items, found.real
+        ranked = ranker(user_idx=tf.constant(np.repeat(user_map[block], candidates.shape[1]).astype(np.int32)),
+                        item_idx=tf.constant(candidates.ravel().astype(np.int32)),
+                        numeric=tf.constant(found.numeric.reshape(-1, found.numeric.shape[-1])))["score"].numpy()
         ranked = np.where(real, ranked.reshape(candidates.shape), -np.inf)
         if lists.diversity > 0:
             order, final = diversify(ranked, categories[candidates], k, lists.diversity)
         else:
             order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
             final = np.take_along_axis(ranked, order, axis=1)
-        order, placed = make_room_for_new_items(order, new[candidates] & real, lists.new_item_slots)
+        order, placed = make_room_for_new_items(order, new[candidates] & real, lists.new_item_slots,
+                                                lists.new_items_from_rank)
         top = np.take_along_axis(candidates, order, axis=1)
         because, closeness = explain(unit, top, histories[block])
         width = top.shape[1]
@@ -107,7 +104,7 @@ def recommend(
                     "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
                     "item_id": item_ids[top.ravel()],
                     "score": final.ravel().astype(np.float32),
-                    "retrieval_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
+                    "retrieval_score": np.take_along_axis(found.two_tower, order, axis=1).ravel().astype(np.float32),
                     "because_item_id": item_ids[because.ravel()],
                     "because_title": titles[because.ravel()],
                     "similarity": np.char.mod("%.2f", closeness.ravel()),
@@ -128,21 +125,24 @@ def recommend(
     return recs.filter(pl.col("score").is_finite()).with_columns(reason.alias("reason")).select(RECS_SCHEMA.keys())
 
 
-def make_room_for_new_items(order: np.ndarray, new: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+def make_room_for_new_items(
+    order: np.ndarray, new: np.ndarray, slots: int, from_rank: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Give the last `slots` positions of each list (`order`: positions in the candidate
-    rows) to the best-retrieved new items among that user's candidates (`new`, a mask over
-    the candidate rows, which are in retrieval order) that the list lacks. Positions stay
-    where there is no such item, and each keeps its score, so scores stay non-increasing.
-    Returns the new order and a mask of the positions given to new items."""
+    rows), but none above rank `from_rank`, to the best-retrieved new items among that
+    user's candidates (`new`, a mask over the candidate rows, two-tower ones first, in its
+    order) that the list lacks. Positions stay where there is no such item, and each keeps
+    its score, so scores stay non-increasing. Returns the new order and a mask of the
+    positions given to new items."""
     order = order.copy()
     placed = np.zeros(order.shape, dtype=bool)
-    slots = min(slots, order.shape[1])
-    if slots == 0 or not new.any():
+    first = max(order.shape[1] - slots, from_rank - 1)
+    if first >= order.shape[1] or not new.any():
         return order, placed
     rows = np.arange(order.shape[0])
     left = new.copy()
     left[rows[:, None], order] = False  # already in the list
-    for position in range(order.shape[1] - slots, order.shape[1]):
+    for position in range(first, order.shape[1]):
         best = left.argmax(axis=1)
         found = left[rows, best]
         order[found, position] = best[found]
@@ -201,11 +201,22 @@ def explain(unit_items: np.ndarray, top: np.ndarray, history: np.ndarray) -> tup
 
 
 def history_similarity(models: ModelDir, features: Features, history: pl.DataFrame) -> sp.csr_matrix:
-    """The item co-occurrence similarity of `history`, in the models' item indices: what
-    `recommend` re-ranks with; computed once and shared by all scoring shards."""
+    """The item co-occurrence similarity of `history` as the models' selection chose it,
+    in the models' item indices: what co-visitation draws candidates from; computed once
+    and shared by all scoring shards."""
+    sources = _sources(models)
     n_items = pl.read_parquet(models.items, columns=["item_idx"]).height
     items = model_item_map(models, features)[history["item_idx"].to_numpy()]
-    return item_similarity(history["user_idx"].to_numpy(), items, n_items)
+    return item_similarity(history["user_idx"].to_numpy(), items, n_items, shrink=sources.shrink,
+                           asymmetry=sources.asymmetry)
+
+
+def _sources(models: ModelDir) -> CandidateSources:
+    sources = candidate_settings(models)
+    if sources is None:
+        raise RecflowError(f"{models.path} holds models of an earlier recflow that this version cannot score; "
+                           "retrain them (rerun the date) or restore the earlier version")
+    return sources
 
 
 def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,15 @@
-"""Ranking: a TFRS model that re-orders the retrieval model's candidates.
+"""Ranking: a TFRS model that orders each user's candidates.
 
-Fifth stage of the nightly DAG. For each user with `valid` events it takes the retrieval
-model's top-N candidates (querying with the `fit` history, as at serving time) and learns
-which of them the user really picked next: positives are the candidates among the user's
-`valid` items, negatives the other candidates (hard negatives from the model's own list),
-with a listwise softmax loss over each user's list, as the top-K metrics judge it.
-Features: the retrieval score and rank, item popularity, the user's activity and the
-candidate's recency-weighted co-occurrence with the user's history (and, optionally, user
-and item id embeddings); DCN-v2 cross layers model their interactions.
+Sixth stage of the nightly DAG, after the selection. For each user with `valid` events it draws candidates
+from both sources (tasks/candidates.py: the two-tower model and co-visitation, from the
+`fit` history, as at serving time) and learns which of them the user really picked next:
+positives are the candidates among the user's `valid` items, negatives the other
+candidates (hard negatives from the sources' own lists), with a listwise softmax loss over
+each user's list, as the top-K metrics judge it. So it learns how to blend the sources
+on this data. Features: both sources' scores, the rank in its source, item popularity,
+the user's activity (and, optionally, user and item id embeddings); DCN-v2 cross layers
+model their interactions. How long to train, and whether to discount popularity, are
+chosen by two-fold cross-fitting over the lists (`_train`).
 Exported as a SavedModel with one `score` signature, beside the retrieval model; the stage
 then publishes the whole models directory.
 """
@@ -21,25 +23,28 @@ import numpy as np
 import polars as pl
 
 from schemas.config import RankingConfig, Run
-from schemas.tables import FeatureSet, ModelDir, ModelSet, TrainedModel
+from schemas.tables import CandidateSources, FeatureSet, ModelDir, ModelSet, Selection, TrainedModel
+from tasks.candidates import FEATURES, generate
 from tasks.features import Features, load_features, user_histories
-from tasks.inference import RetrievalBundle, candidate_features, cooccurrence, item_similarity, rows_of
+from tasks.inference import RetrievalBundle, item_similarity, rows_of
 from tasks.stage import stage
 from tasks.workspace import publish_dir, reuse, stamp
 
 log = logging.getLogger(__name__)
 
+CUTOFF = 10
+CLEARLY_BETTER = 2.0  # paired t statistic over the held-out lists a discount needs to replace the default
 
-def train_ranking(run: Run, features: FeatureSet, retrieval: TrainedModel) -> ModelSet:
-    """Train the ranker on the retrieval model's candidates for `valid` users, beside the
-    retrieval model, and publish both as models/<key>/ (or reuse them, as the retrieval
-    stage did)."""
+
+def train_ranking(run: Run, features: FeatureSet, retrieval: TrainedModel, selection: Selection) -> ModelSet:
+    """Train the ranker on the candidates of `valid` users (drawn as `selection` chose),
+    beside the retrieval model, and publish both as models/<key>/ (or reuse them, as the
+    retrieval stage did)."""
     target = ModelDir.of(run.workspace, retrieval.key)
     if (found := reuse(target.path, retrieval.key, ModelSet)) is not None:
         return found
     staging = ModelDir(path=retrieval.path.parent)
-    ranking = _train(load_features(features.path), staging, run.config.ranking, run.config.retrieval.candidates,
-                     run.config.seed)
+    ranking = _train(load_features(features.path), staging, run.config.ranking, selection.sources, run.config.seed)
     models = ModelSet(
         path=target.path, key=retrieval.key,
         retrieval=retrieval.model_copy(update={"path": target.retrieval_path}),
@@ -50,8 +55,9 @@ def train_ranking(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Mo
     return models
 
 
-def _train(features: Features, models: ModelDir, cfg: RankingConfig, n_candidates: int, seed: int) -> TrainedModel:
-    """Train the ranker on the candidates of the retrieval model in `models`; export it there."""
+def _train(features: Features, models: ModelDir, cfg: RankingConfig, sources: CandidateSources, seed: int) -> TrainedModel:
+    """Train the ranker on the candidates of the users with `valid` events (two-tower model
+    in `models`, co-visitation of the `fit` events); export it there."""
     from tasks import towers
     from tasks.tfenv import keras, seed_everything, tf
 
@@ -62,43 +68,121 @@ def _train(features: Features, models: ModelDir, cfg: RankingConfig, n_candidate
     users = features.sampled(np.unique(valid["user_idx"].to_numpy())).astype(np.int32)
     bundle = RetrievalBundle.load(models)
     recent = user_histories(fit, features.n_users, bundle.history_length)[users]
-    candidates, scores = bundle.retrieve(users, recent, rows_of(users, fit), n_candidates)
     activity = np.bincount(fit["user_idx"].to_numpy(), minlength=features.n_users + 1)[users]
-    similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), features.n_items)
-    together = cooccurrence(similarity, recent, candidates)
-    inputs = candidate_features(users, candidates, scores, features.item_popularity, activity, together)
+    similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), features.n_items,
+                                 shrink=sources.shrink, asymmetry=sources.asymmetry)
+    found = generate(bundle.queries(users, recent), bundle.item_embeddings, recent, similarity, rows_of(users, fit),
+                     features.item_popularity, activity, sources)
     picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"), pl.lit(1.0).alias("label"))
     labels = (
-        pl.DataFrame({"user": inputs["user_idx"], "item": inputs["item_idx"]})
+        pl.DataFrame({"user": np.repeat(users, found.items.shape[1]), "item": found.items.ravel()})
         .join(picked, on=["user", "item"], how="left")["label"]
         .fill_null(0.0)
         .to_numpy()
-        .reshape(candidates.shape)
-    )
+        .reshape(found.items.shape)
+    ) * found.real
     # One example per user: its candidate list, with the picked items sharing a target mass of one.
-    keep = labels.sum(axis=1) > 0
-    every = {"user_idx": users, "item_idx": candidates.astype(np.int32),
-             "numeric": inputs["numeric"].reshape(*candidates.shape, -1)}
-    lists = {name: values[keep] for name, values in every.items()}
-    targets = (labels[keep] / labels[keep].sum(axis=1, keepdims=True)).astype(np.float32)
-    model = towers.Ranker(features, cfg)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    losses: list[float] = []
-    if keep.any():
-        model.adapt(lists)
-        dataset = tf.data.Dataset.from_tensor_slices((lists, targets)).shuffle(int(keep.sum()), seed=seed).batch(cfg.batch_size)
-        losses = [float(v) for v in model.fit(dataset, epochs=cfg.epochs, verbose=0).history["loss"]]
-    else:  # tiny data: no user picked a candidate; an untrained ranker keeps the retrieval order
-        log.warning("ranking: no validation pick among the candidates; the ranker keeps the retrieval order")
-        model.adapt(every)
+    keep = np.flatnonzero(labels.sum(axis=1) > 0)
+    every = {"user_idx": users, "item_idx": found.items.astype(np.int32), "numeric": found.numeric, "real": found.real}
+    targets = (labels / np.maximum(labels.sum(axis=1, keepdims=True), 1)).astype(np.float32)
+
+    def ranker():
+        model = towers.Ranker(features, cfg, popularity_feature=FEATURES.index("log_item_popularity"))
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        model.adapt(found.numeric[found.real] if found.real.any() else found.numeric.reshape(-1, len(FEATURES)))
+        return model
+
+    def batches(rows):
+        lists = {name: values[rows] for name, values in every.items()}
+        return tf.data.Dataset.from_tensor_slices((lists, targets[rows])).shuffle(rows.size, seed=seed).batch(
+            cfg.batch_size)
+
+    # Two-fold cross-fitting: a probe ranker trains on each (seeded) half of the lists for as
+    # long as its loss on the other half falls (at most max_epochs); every list then has scores
+    # from a ranker that never saw it, and those choose the epochs and the popularity discount.
+    half = np.random.default_rng(seed).random(keep.size) < 0.5
+    folds = [(keep[half], keep[~half]), (keep[~half], keep[half])]
+    history: dict[str, list[float]] = {}
+    epochs, discount, checks, best_losses = 0, 0.0, {}, []
+    if all(train.size and check.size for train, check in folds):
+        unseen = np.zeros(found.items.shape, dtype=np.float32)
+        for fold, (train, check) in enumerate(folds, start=1):
+            checked = {name: values[check] for name, values in every.items()}
+            monitor = towers.EpochMetric("held_out_loss", lambda model: _list_loss(model, checked, targets[check]))
+            stopper = keras.callbacks.EarlyStopping(monitor="held_out_loss", patience=cfg.patience,
+                                                    restore_best_weights=True)
+            probe = ranker()
+            losses = probe.fit(batches(train), epochs=cfg.max_epochs, callbacks=[monitor, stopper],
+                               verbose=0).history["held_out_loss"]
+            history[f"held-out loss, fold {fold}"] = losses
+            best_losses.append(min(losses))
+            epochs += (int(np.argmin(losses)) + 1) / len(folds)
+            unseen[check] = probe(checked).numpy()
+        epochs = max(1, round(epochs))
+        popularity = found.numeric[keep][..., FEATURES.index("log_item_popularity")]
+        discount, checks = _discount(unseen[keep], popularity, found.real[keep], labels[keep],
+                                     cfg.popularity_discounts)
+    model = ranker()
+    if epochs:  # then the ranker kept trains on every list, for that many epochs, with that discount
+        model.fit(batches(keep), epochs=epochs, verbose=0)
+        model.popularity_discount.assign(discount)
+    else:  # tiny data: too few users picked a candidate; an untrained ranker keeps the two-tower order
+        log.warning("ranking: %d validation pick(s) among the candidates, too few to train on; the ranker keeps "
+                    "the two-tower order", keep.size)
     model.export(models.ranking_path)
-    metrics = {"train_loss": losses[-1] if losses else float("nan"), "positive_rate": float(labels.mean())}
-    log.info("ranking: %d examples, %s", labels.size, metrics)
+    metrics = {
+        "held_out_loss": float(np.mean(best_losses)) if best_losses else float("nan"),
+        f"held_out_ndcg_at_{CUTOFF}": checks.get(discount, float("nan")),
+        "popularity_discount": discount,
+        "positive_rate": float(labels.sum() / max(found.real.sum(), 1)),
+        "candidate_recall": float(labels.sum() / max(picked.filter(pl.col("user").is_in(users.tolist())).height, 1)),
+    }
+    log.info("ranking: %d lists of %d candidates, %d epochs, %s", keep.size, found.items.shape[1], epochs, metrics)
     return TrainedModel(
-        path=models.ranking_path, epochs=cfg.epochs if losses else 0, seconds=time.perf_counter() - started,
-        metrics=metrics,
-        history={"train loss": losses},
+        path=models.ranking_path, epochs=epochs, seconds=time.perf_counter() - started, metrics=metrics,
+        history={name: [float(v) for v in values] for name, values in history.items()},
     )
+
+
+def _discount(logits: np.ndarray, popularity: np.ndarray, real: np.ndarray, labels: np.ndarray,
+              discounts: list[float]) -> tuple[float, dict[float, float]]:
+    """The popularity discount to keep, and each one's NDCG@CUTOFF over the lists, scored by
+    `logits` from rankers that did not train on them.
+
+    The first of `discounts` is the default; another replaces it only when it ranks the
+    picks clearly better, list by list (a paired t statistic of at least CLEARLY_BETTER),
+    and better than any other such: with a few thousand lists, small differences are noise.
+    """
+    per_list = {value: _list_ndcg(logits - value * popularity, real, labels) for value in discounts}
+    chosen, evidence = discounts[0], {}
+    for value in discounts[1:]:
+        gain = per_list[value] - per_list[discounts[0]]
+        spread = gain.std(ddof=1) / np.sqrt(gain.size) if gain.size > 1 else 0.0
+        evidence[value] = float(gain.mean() / spread) if spread > 0 else 0.0
+        if evidence[value] >= CLEARLY_BETTER and per_list[value].mean() > per_list[chosen].mean():
+            chosen = value
+    log.info("ranking: popularity discount %g; NDCG@%d of each on %d unseen lists %s, paired t against %g %s", chosen,
+             CUTOFF, labels.shape[0], {v: round(float(n.mean()), 4) for v, n in per_list.items()}, discounts[0],
+             {v: round(t, 2) for v, t in evidence.items()})
+    return chosen, {value: float(ndcg.mean()) for value, ndcg in per_list.items()}
+
+
+def _list_ndcg(logits: np.ndarray, real: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """NDCG@CUTOFF of each list ordered by `logits`, `labels` marking its picked candidates."""
+    top = np.argsort(-np.where(real, logits, -np.inf), axis=1, kind="stable")[:, :CUTOFF]
+    gain = 1.0 / np.log2(np.arange(2, CUTOFF + 2))
+    dcg = (np.take_along_axis(labels > 0, top, axis=1) * gain).sum(axis=1)
+    ideal = np.cumsum(gain)[np.minimum((labels > 0).sum(axis=1), CUTOFF) - 1]
+    return dcg / ideal
+
+
+def _list_loss(model, inputs: dict[str, np.ndarray], targets: np.ndarray) -> float:
+    """The listwise loss of `model` on the lists in `inputs`, averaged over all of them (the
+    loss Keras logs for an epoch is its last batch's)."""
+    logits = np.where(inputs["real"], model(inputs).numpy().astype(np.float64), -np.inf)
+    top = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    return float(-(targets * np.where(inputs["real"], log_softmax, 0.0)).sum(axis=1).mean())
 
 
 train_ranking_task = stage("train_ranking", train_ranking)

@@ -1,6 +1,6 @@
 """Retrieval: a TFRS two-tower model that narrows the catalogue to a few candidates per user.
 
-Fourth stage of the nightly DAG. The query tower reads the user id and the user's recent
+Fourth stage of the nightly DAG. The query tower reads the user's recent
 history (attention-pooled item representations plus the latest item); the candidate tower
 represents an item by its id, categories and title tokens, and the history encoder shares
 it. Training is next-item prediction on the `fit` split with in-batch softmax, corrected
@@ -9,8 +9,8 @@ over the `valid` split. The export is one SavedModel with two signatures, `query
 `candidates`, that scoring and the champion gate load without this module's classes.
 
 The stage trains into a staging models directory; the ranking stage adds the ranker and
-publishes the directory as models/<key>/, the key being the hash of the features, both
-models' config, the seed and the warm-start source.
+publishes the directory as models/<key>/, the key being the hash of the features, the
+models' and candidates' config, the seed and the warm-start source.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
 
     cfg, length = run.config.retrieval, run.config.features.history_length
     warm = _warm_start_source(run)
-    key = stage_key("models", features.key, cfg, run.config.ranking, run.config.seed, warm.name if warm else None)
+    key = stage_key("models", features.key, cfg, run.config.candidates, run.config.ranking, run.config.seed,
+                    warm.name if warm else None)
     if (found := reuse(ModelDir.of(run.workspace, key).path, key, ModelSet)) is not None:
         return found.retrieval.model_copy(update={"reused": True})
     started = time.perf_counter()
@@ -169,9 +170,10 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
 def warm_start(model, champion: ModelDir, features: Features) -> int:
     """Start `model` from the retrieval weights in `champion` (a models directory).
 
-    User and item id embeddings are copied row by row through the two vocabularies (ids the
-    champion never saw keep their fresh initialisation); the history encoder's and the
-    projection's weights are copied when their shapes match. Category and title-token
+    Item (and, when both models have them, user) id embeddings are copied row by row
+    through the two vocabularies (ids the champion never saw keep their fresh
+    initialisation); the history encoder's and the projection's weights are copied when
+    their shapes match. Category and title-token
     tables are left fresh: their indices are rebuilt every night. Returns the number of
     tensors copied.
     """
@@ -181,10 +183,10 @@ def warm_start(model, champion: ModelDir, features: Features) -> int:
     old = tf.saved_model.load(str(champion.retrieval_path)).query_model
     new = model.query_model
     copied = 0
-    for new_table, old_table, rows in (
-        (new.users.embeddings, old.users.embeddings, model_user_map(champion, features)),
-        (new.items.ids.embeddings, old.items.ids.embeddings, model_item_map(champion, features)),
-    ):
+    tables = [(new.items.ids.embeddings, old.items.ids.embeddings, model_item_map(champion, features))]
+    if getattr(new, "users", None) is not None and getattr(old, "users", None) is not None:
+        tables.append((new.users.embeddings, old.users.embeddings, model_user_map(champion, features)))
+    for new_table, old_table, rows in tables:
         values, known = new_table.numpy(), rows > 0
         values[known] = old_table.numpy()[rows[known]]
         new_table.assign(values)

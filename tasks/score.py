@@ -1,6 +1,6 @@
 """Batch scoring and publishing: every user's top-K list, written whole or not at all.
 
-Seventh and eighth stages of the nightly DAG. `prepare` makes the staging directory of
+Eighth and ninth stages of the nightly DAG. `prepare` makes the staging directory of
 tonight's partition with what every shard shares (the co-occurrence similarity of
 tonight's histories); `score_shard` writes one range of users' part of the output table
 there with `tasks.lists.recommend` (shards may run on Dask workers); `publish` renames the
@@ -35,7 +35,7 @@ def prepare(run: Run, features: FeatureSet, decision: ChampionDecision) -> Scori
     co-occurrence similarity of tonight's histories, in the scoring models' indices)."""
     cfg = run.config
     key = stage_key("recommendations", features.key, decision.models.name, decision.model_version,
-                    decision.mlflow_run_id, cfg.top_k, cfg.retrieval.candidates, cfg.lists)
+                    decision.mlflow_run_id, cfg.top_k, cfg.lists)
     job = ScoringJob(key=key, path=run.partition("recommendations"), features=features, decision=decision)
     if reuse(job.path, key, PublishedTable) is not None:
         return job.model_copy(update={"reused": True})
@@ -65,8 +65,7 @@ def score_shard(run: Run, job: ScoringJob, shard: int) -> ScoredShard:
     if users.size == 0:  # more shards than blocks of users
         return ScoredShard(key=job.key, shard=shard, rows=0)
     similarity = sp.load_npz(job.path / SHARED)
-    recs = recommend(decision.models, features, users, features.events, cfg.retrieval.candidates, cfg.top_k,
-                     similarity, cfg.lists)
+    recs = recommend(decision.models, features, users, features.events, cfg.top_k, similarity, cfg.lists)
     table = (
         recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
         .with_columns(

@@ -89,8 +89,8 @@ def start_run(run: Run, snapshot: Snapshot) -> str:
 def log_outcome(workspace: Path, run_id: str, stages: dict[str, StageRecord], seconds: float,
                 artifacts: dict[str, Path]) -> None:
     """Log what tonight's stages report: each stage's seconds, which of them reused an
-    earlier run's output, what each measured (`StageRecord.run_metrics`, `run_tags`), the
-    run's total seconds, and `artifacts` (name -> file or directory)."""
+    earlier run's output, what each measured (`StageRecord.run_metrics`, `run_tags`,
+    `run_tables`), the run's total seconds, and `artifacts` (name -> file or directory)."""
     from mlflow.entities import Metric, RunTag
 
     reused = [name for name, record in stages.items() if record.reused]
@@ -109,6 +109,11 @@ def log_outcome(workspace: Path, run_id: str, stages: dict[str, StageRecord], se
             mlflow.log_artifacts(run_id, str(path), name)
         elif path.exists():
             mlflow.log_artifact(run_id, str(path), name)
+    with tempfile.TemporaryDirectory() as scratch:
+        for record in stages.values():
+            for name, rows in record.run_tables().items():
+                pl.DataFrame(rows).write_csv(Path(scratch) / name)
+                mlflow.log_artifact(run_id, str(Path(scratch) / name))
 
 
 def end_run(workspace: Path, run_id: str, failed: bool = False) -> None:

@@ -28,7 +28,7 @@ def test_a_backfill_of_three_dates_writes_three_partitions_each_blind_to_later_e
     workspace = tmp_path / "ws"
     config = PipelineConfig(
         source=str(source), workspace=str(workspace), top_k=5,
-        retrieval={"max_epochs": 2, "batch_size": 512}, ranking={"epochs": 1},
+        retrieval={"max_epochs": 2, "batch_size": 512}, ranking={"max_epochs": 1},
     )
     dates = [LAST_DAY - dt.timedelta(days=2), LAST_DAY - dt.timedelta(days=1), LAST_DAY]
     summaries = backfill(dates[0], dates[-1], config)

@@ -15,7 +15,7 @@ from tests.conftest import RUN_DATE, SMALL, cli, git, source_tree
 
 pytestmark = pytest.mark.slow
 
-FAST = {"synthetic": SMALL.model_dump(), "top_k": 5, "retrieval": {"max_epochs": 1}, "ranking": {"epochs": 1}}
+FAST = {"synthetic": SMALL.model_dump(), "top_k": 5, "retrieval": {"max_epochs": 1}, "ranking": {"max_epochs": 1}}
 
 
 @pytest.mark.parametrize("history", ["uncommitted edit in a git checkout", "no git history"])
@@ -35,8 +35,8 @@ def test_editing_any_source_file_and_rerunning_the_date_retrains_instead_of_reus
         return json.loads(done.stdout[done.stdout.index("{"):])
 
     first, unchanged = run(), run()
-    assert unchanged["reused_stages"] == ["ingest", "validate", "features", "train_retrieval", "train_ranking",
-                                          "score", "publish"]
+    assert unchanged["reused_stages"] == ["ingest", "validate", "features", "train_retrieval", "select",
+                                          "train_ranking", "score", "publish"]
     with open(tree / "tasks" / "ranking.py", "a") as edited:
         edited.write("\n# a change to the code that trains the ranker\n")
     changed = run()

@@ -242,13 +242,13 @@ def test_a_rerun_with_unchanged_input_reuses_every_stage_and_keeps_the_output(co
     before = _checksums(partition)
     again = nightly(config())
     assert again["reused_stages"] == [
-        "ingest", "validate", "features", "train_retrieval", "train_ranking", "score", "publish"
+        "ingest", "validate", "features", "train_retrieval", "select", "train_ranking", "score", "publish"
     ]
     assert _checksums(partition) == before
     assert again["promoted"] is False and "champion v1 already" in again["champion"]
     client = mlflow_client(workspace)
     run, first_run = client.get_run(again["mlflow_run_id"]), client.get_run(first["mlflow_run_id"])
-    assert run.data.tags["reused_stages"] == "ingest,validate,features,train_retrieval,train_ranking,score,publish"
+    assert run.data.tags["reused_stages"] == "ingest,validate,features,train_retrieval,select,train_ranking,score,publish"
     assert set(first_run.data.metrics) <= set(run.data.metrics)  # the compare view lines the runs up
     assert run.data.metrics["ndcg_at_10"] == first_run.data.metrics["ndcg_at_10"]
     assert len(client.search_model_versions("name='recflow-retrieval'")) == 1  # nothing registered twice
@@ -259,7 +259,7 @@ def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(copy_of_run)
 
     workspace, _, config = copy_of_run
     changed = nightly(config(top_k=5))
-    assert changed["reused_stages"] == ["ingest", "validate", "features", "train_retrieval", "train_ranking"]
+    assert changed["reused_stages"] == ["ingest", "validate", "features", "train_retrieval", "select", "train_ranking"]
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert table.group_by("user_id").len()["len"].unique().to_list() == [5]
 
@@ -301,12 +301,12 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     workspace, _ = nightly_run
     champion = champion_models(workspace)
     published = workspace / "snapshots" / f"run_date={RUN_DATE}"
-    interactions = pl.read_parquet(published / "interactions.parquet")
-    dropped = interactions["user_id"].unique().sort().head(10)  # shifts every later user's index
+    interactions, items = (pl.read_parquet(published / f"{table}.parquet") for table in ("interactions", "items"))
+    dropped = items["item_id"].sort().head(10).implode()  # shifts every later item's index
     source = tmp_path / "snapshot"
     source.mkdir()
-    interactions.filter(~pl.col("user_id").is_in(dropped.implode())).write_parquet(source / "interactions.parquet")
-    (source / "items.parquet").write_bytes((published / "items.parquet").read_bytes())
+    interactions.filter(~pl.col("item_id").is_in(dropped)).write_parquet(source / "interactions.parquet")
+    items.filter(~pl.col("item_id").is_in(dropped)).write_parquet(source / "items.parquet")
     snapshot = Snapshot(path=source, source="test", n_interactions=0, n_users=0, n_items=0, has_items=True,
                         data_hash="", origin={})
     feature_set = build_features(make_run(tmp_path / "ws"), snapshot)
@@ -315,14 +315,14 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     copied = warm_start(model, champion, features)
 
     old = tf.saved_model.load(str(champion.retrieval_path)).query_model
-    old_users = pl.read_parquet(champion.users)
-    user = features.users.row(0, named=True)
-    old_idx = old_users.filter(pl.col("user_id") == user["user_id"])["user_idx"][0]
-    assert old_idx != user["user_idx"]
-    new_row = model.query_model.users.embeddings.numpy()[user["user_idx"]]
-    np.testing.assert_array_equal(new_row, old.users.embeddings.numpy()[old_idx])
+    old_items = pl.read_parquet(champion.items)
+    item = features.items.row(0, named=True)
+    old_idx = old_items.filter(pl.col("item_id") == item["item_id"])["item_idx"][0]
+    assert old_idx != item["item_idx"]
+    new_row = model.query_model.items.ids.embeddings.numpy()[item["item_idx"]]
+    np.testing.assert_array_equal(new_row, old.items.ids.embeddings.numpy()[old_idx])
     np.testing.assert_array_equal(model.query_model.project.kernel.numpy(), old.project.kernel.numpy())
-    assert copied >= 7  # two id tables, positions, attention and projection weights, self-attention block
+    assert copied >= 6  # the item id table, positions, attention and projection weights, self-attention block
 
     copy, _, config = copy_of_run
     warm = nightly(config(run_date=RUN_DATE + dt.timedelta(days=3),

@@ -25,7 +25,7 @@ from tests.conftest import ROOT, make_run
 RUN_DATE = "2026-11-20"
 # Three scoring blocks of users, so two shards really split the work.
 DATA = {"n_users": 2 * USERS_PER_BLOCK + 60, "n_items": 400, "n_clusters": 6, "events_per_user": 12}
-FAST = {"retrieval": {"max_epochs": 1, "batch_size": 512}, "ranking": {"epochs": 1}, "top_k": 5}
+FAST = {"retrieval": {"max_epochs": 1, "batch_size": 512}, "ranking": {"max_epochs": 1}, "top_k": 5}
 
 
 def recflow_run(tmp_path, name: str, config: dict, *flags: str, env: dict | None = None) -> tuple[dict, str]:

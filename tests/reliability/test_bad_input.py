@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # ~5 minutes: a real run per kind of bad input
 
 GOOD_DATE, BAD_DATE = dt.date(2026, 11, 10), dt.date(2026, 11, 11)
 SMALL = SyntheticConfig(n_users=120, n_items=200, n_clusters=4, events_per_user=30, n_categories=8)
-CONFIG = {"top_k": 5, "retrieval": {"max_epochs": 2, "batch_size": 512}, "ranking": {"epochs": 1}}
+CONFIG = {"top_k": 5, "retrieval": {"max_epochs": 2, "batch_size": 512}, "ranking": {"max_epochs": 1}}
 
 
 def run_cli(*args: str):

@@ -112,7 +112,8 @@ def list_cases(draw):
     relevance[rng.random((users, n)) < draw(st.floats(0, 0.5))] = -np.inf  # missing candidates
     categories = rng.integers(0, 5, size=(users, n, 3))
     new = rng.random((users, n)) < draw(st.floats(0, 0.5))
-    return relevance, categories, new, draw(st.integers(1, n)), draw(st.floats(0, 0.99)), draw(st.integers(0, 3))
+    return (relevance, categories, new, draw(st.integers(1, n)), draw(st.floats(0, 0.99)), draw(st.integers(0, 3)),
+            draw(st.integers(1, 12)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -120,7 +121,7 @@ def list_cases(draw):
 def test_final_lists_are_distinct_real_candidates_with_non_increasing_scores(case):
     from tasks.lists import diversify, make_room_for_new_items
 
-    relevance, categories, new, k, weight, slots = case
+    relevance, categories, new, k, weight, slots, from_rank = case
     picks, values = diversify(relevance, categories, k, weight)
     for row, (pick, value) in enumerate(zip(picks, values)):
         real = np.isfinite(value)
@@ -128,10 +129,10 @@ def test_final_lists_are_distinct_real_candidates_with_non_increasing_scores(cas
         assert real.sum() == min(k, np.isfinite(relevance[row]).sum())  # every real candidate until k
         assert np.all(np.diff(value[real]) <= 1e-12)  # the objective never rises
         assert real.all() or not real[real.argmin():].any()  # missing candidates only at the end
-    order, placed = make_room_for_new_items(picks, new & np.isfinite(relevance), slots)
+    order, placed = make_room_for_new_items(picks, new & np.isfinite(relevance), slots, from_rank)
     for row in range(order.shape[0]):
         real = np.isfinite(values[row])  # positions past the user's real candidates are dropped later
         assert len(set(order[row][real])) == real.sum() and not placed[row][~real].any()
         assert new[row, order[row][placed[row]]].all()
         assert (order[row][~placed[row]] == picks[row][~placed[row]]).all()
-        assert not placed[row, : max(0, order.shape[1] - slots)].any()  # only the last slots move
+        assert not placed[row, : max(0, order.shape[1] - slots, from_rank - 1)].any()  # only the last slots move

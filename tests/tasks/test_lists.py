@@ -53,3 +53,13 @@ def test_the_last_slots_go_to_the_best_retrieved_new_items_the_list_lacks():
     assert placed_order[1].tolist() == [0, 1, 2, 3] and not placed[1].any()  # no new candidates: unchanged
     assert placed_order[2].tolist() == [3, 2, 5, 0] and placed[2].tolist() == [False, False, True, False]
     assert order[0].tolist() == [0, 1, 2, 3]  # the input is left alone
+
+
+def test_new_item_slots_never_take_a_rank_above_the_first_one_allowed():
+    order = np.array([[0, 1, 2, 3]])
+    new = np.zeros((1, 6), dtype=bool)
+    new[0, [4, 5]] = True
+    short, placed = make_room_for_new_items(order, new, slots=2, from_rank=4)
+    assert short[0].tolist() == [0, 1, 2, 4] and placed[0].tolist() == [False, False, False, True]
+    untouched, placed = make_room_for_new_items(order, new, slots=2, from_rank=5)  # the list ends at rank 4
+    assert untouched[0].tolist() == [0, 1, 2, 3] and not placed.any()
