@@ -53,7 +53,8 @@ def evaluate(run: Run, features: FeatureSet, models: ModelSet, run_id: str) -> C
             promote, reason = True, "no champion yet"
         elif candidate_settings(champion[1]) is None:
             promote = True
-            reason = f"champion v{champion[0].version} was trained by an earlier recflow whose models this one cannot score: retired"
+            reason = (f"champion v{champion[0].version} was trained by an earlier recflow whose models this one "
+                      "cannot score: retired")
         elif privacy.remembers(champion[1], run.config.privacy, run.workspace):
             promote = True
             reason = f"champion v{champion[0].version} was trained with users now on the deletion list: retired"

@@ -33,7 +33,7 @@ from tasks.workspace import publish_dir, reuse, stamp
 log = logging.getLogger(__name__)
 
 CUTOFF = 10
-CLEARLY_BETTER = 2.0  # paired t statistic over the held-out lists a discount needs to replace the default
+CLEARLY_BETTER = 2.0  # paired t statistic over the cross-fitted lists a discount needs to replace the default
 
 
 def train_ranking(run: Run, features: FeatureSet, retrieval: TrainedModel, selection: Selection) -> ModelSet:
@@ -55,7 +55,9 @@ def train_ranking(run: Run, features: FeatureSet, retrieval: TrainedModel, selec
     return models
 
 
-def _train(features: Features, models: ModelDir, cfg: RankingConfig, sources: CandidateSources, seed: int) -> TrainedModel:
+def _train(
+    features: Features, models: ModelDir, cfg: RankingConfig, sources: CandidateSources, seed: int
+) -> TrainedModel:
     """Train the ranker on the candidates of the users with `valid` events (two-tower model
     in `models`, co-visitation of the `fit` events); export it there."""
     from tasks import towers
@@ -73,7 +75,8 @@ def _train(features: Features, models: ModelDir, cfg: RankingConfig, sources: Ca
                                  shrink=sources.shrink, asymmetry=sources.asymmetry)
     found = generate(bundle.queries(users, recent), bundle.item_embeddings, recent, similarity, rows_of(users, fit),
                      features.item_popularity, activity, sources)
-    picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"), pl.lit(1.0).alias("label"))
+    picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"),
+                          pl.lit(1.0).alias("label"))
     labels = (
         pl.DataFrame({"user": np.repeat(users, found.items.shape[1]), "item": found.items.ravel()})
         .join(picked, on=["user", "item"], how="left")["label"]

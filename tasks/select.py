@@ -5,13 +5,13 @@ Fifth stage of the nightly DAG, between the two trainings. Datasets differ in ho
 item's popularity should weigh in its similarity to others (in short e-commerce histories a
 popular history item says little about the next purchase; in long movie histories plain
 cosine does best) and in how far rare co-occurrences can be trusted. Rather than a default
-fitted to one of them, this stage scores every pair of `candidates.similarity_shrink` x `candidates.similarity_asymmetry`
-on the pipeline's own validation split (similarity and histories from `fit`, truth the
-`valid` items of the sampled users) by NDCG@10 of co-visitation's own top 10, and keeps
-the best (a tie keeps the earlier pair). Pairs are tried in order while
-`candidates.selection_seconds` lasts. The choice is stored with the models
-(settings.json), so the ranker trains and scoring runs on it; the trials go to MLflow
-(`selection.csv`, `selection_*` metrics) and to the Prefect UI.
+fitted to one of them, this stage scores every pair of `candidates.similarity_shrink` x
+`candidates.similarity_asymmetry` on the pipeline's own validation split (similarity and
+histories from `fit`, truth the `valid` items of the sampled users) by NDCG@10 of
+co-visitation's own top 10, and keeps the best (a tie keeps the earlier pair). Pairs are
+tried in order while `candidates.selection_seconds` lasts. The choice is stored with the
+models (settings.json), so the ranker trains and scoring runs on it; the trials go to
+MLflow (`selection.csv`, `selection_*` metrics) and to the Prefect UI.
 """
 
 from __future__ import annotations
