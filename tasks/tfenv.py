@@ -5,12 +5,35 @@ first imported. Stages that train or score import from here, inside their functi
 `recflow --help` and the data stages never pay for importing TensorFlow.
 """
 
+import contextlib
 import os
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """TensorFlow's native code writes start-up lines straight to file descriptor 2 before
+    its log level applies ("Could not find cuda drivers", "All log messages before
+    absl::InitializeLog()..."): noise on a machine without a GPU. Python errors raised
+    meanwhile still reach the caller and print as usual."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# 3: native errors too (a CPU-only machine logs a failed cuInit as an error); Python-side
+# warnings that matter still show through the `tensorflow` logger at ERROR.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+with _native_stderr_silenced():
+    import tensorflow as tf  # noqa: E402
+
+    tf.config.list_physical_devices("GPU")  # device discovery, where the CUDA lines come from
 import tensorflow_recommenders as tfrs  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
