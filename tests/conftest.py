@@ -32,6 +32,8 @@ ML_LATEST_SMALL = DATASETS / "ml-latest-small"
 RUN_DATE = dt.date(2026, 11, 20)
 # The synthetic data of the end-to-end runs: small enough that a full run trains in seconds.
 SMALL = SyntheticConfig(n_users=250, n_items=400, n_clusters=6, events_per_user=40, n_categories=12)
+# A config file's contents for a real `recflow run` process on SMALL that trains as little as it can.
+FAST_RUN = {"synthetic": SMALL.model_dump(), "top_k": 5, "retrieval": {"max_epochs": 1}, "ranking": {"max_epochs": 1}}
 
 
 def small_config(workspace: Path, **changes) -> PipelineConfig:

@@ -11,11 +11,9 @@ import json
 
 import pytest
 
-from tests.conftest import RUN_DATE, SMALL, cli, git, source_tree
+from tests.conftest import FAST_RUN, RUN_DATE, cli, git, source_tree
 
 pytestmark = pytest.mark.slow
-
-FAST = {"synthetic": SMALL.model_dump(), "top_k": 5, "retrieval": {"max_epochs": 1}, "ranking": {"max_epochs": 1}}
 
 
 @pytest.mark.parametrize("history", ["uncommitted edit in a git checkout", "no git history"])
@@ -26,7 +24,7 @@ def test_editing_any_source_file_and_rerunning_the_date_retrains_instead_of_reus
         git(tree, "add", "-A")
         git(tree, "commit", "-q", "-m", "deployed")
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(FAST))
+    config.write_text(json.dumps(FAST_RUN))
 
     def run() -> dict:
         done = cli("run", "--workspace", str(tmp_path / "ws"), "--run-date", str(RUN_DATE), "--config", str(config),

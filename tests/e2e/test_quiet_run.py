@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.conftest import RUN_DATE, SMALL, cli
+from tests.conftest import FAST_RUN, RUN_DATE, cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", re.MULTILINE)  # ab
 
 def test_a_first_run_on_a_new_prefect_home_prints_no_traceback_and_no_native_noise(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"synthetic": SMALL.model_dump(), "top_k": 5, "retrieval": {"max_epochs": 1},
-                                  "ranking": {"max_epochs": 1}}))
+    config.write_text(json.dumps(FAST_RUN))
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     done = cli("run", "--workspace", str(tmp_path / "ws"), "--run-date", str(RUN_DATE), "--config", str(config),
