@@ -59,6 +59,7 @@ def run(
                   "they can reach (`recflow stack up --host 0.0.0.0`)")
     pipeline_config = _pipeline_config(config, source=source, run_date=_date(run_date, "--run-date"),
                                        workspace=workspace, top_k=top_k, shards=shards)
+    server = _start_prefect_server()
     from flows.nightly import nightly
 
     flow = nightly
@@ -68,7 +69,7 @@ def run(
         runner = (DaskTaskRunner(address=dask_address) if dask_address else
                   DaskTaskRunner(cluster_kwargs={"n_workers": pipeline_config.shards, "threads_per_worker": 1}))
         flow = nightly.with_options(task_runner=runner)
-    typer.echo(json.dumps(_user_errors_in_one_line(flow, pipeline_config), indent=2))
+    typer.echo(json.dumps(_user_errors_in_one_line(server, flow, pipeline_config), indent=2))
 
 
 @app.command()
@@ -85,9 +86,10 @@ def backfill(
     if last < first:
         _fail(f"--end {end} is before --start {start}")
     pipeline_config = _pipeline_config(config, source=source, workspace=workspace, top_k=top_k)
+    server = _start_prefect_server()
     from flows.nightly import backfill as backfill_flow
 
-    summaries = _user_errors_in_one_line(backfill_flow, first, last, pipeline_config)
+    summaries = _user_errors_in_one_line(server, backfill_flow, first, last, pipeline_config)
     typer.echo(json.dumps([{k: s[k] for k in ("run_date", "mlflow_run_id", "output", "rows")} for s in summaries],
                           indent=2))
 
@@ -158,9 +160,8 @@ def explain(
 
 
 def _user_list(user_id: str, run_date: str | None, workspace: Path | None, key_file: Path | None):
-    from tasks.lists import published_list
     from tasks.privacy import served_id
-    from tasks.workspace import RecflowError
+    from tasks.workspace import RecflowError, published_list
 
     try:
         return published_list(_workspace(workspace), served_id(user_id, key_file), _date(run_date, "--run-date"))
@@ -218,29 +219,48 @@ def _pipeline_config(path: Path | None, **flags):
     return pipeline_config
 
 
-def _preload() -> None:
-    """Import TensorFlow and Great Expectations on a second thread while this one waits
-    for Prefect's temporary server (a subprocess) to start: ~15 s of imports off a run's
-    critical path on 2 cores. The stages import them as usual (a failed preload only
-    means they pay for it there)."""
+def _start_prefect_server() -> threading.Thread:
+    """In ephemeral mode (no PREFECT_API_URL) the flow's first call to Prefect starts its
+    temporary server, a subprocess that boots in ~15 s on 2 cores, and waits for it. Started
+    here instead, before this process imports the pipeline, it boots while those imports
+    run; the flow then finds it running. The thread waits for it to answer: join it before
+    running a flow. If it fails here, the flow starts it as before and reports why."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    def load() -> None:
+    def start() -> None:
         try:
-            import great_expectations  # noqa: F401
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow's own start reports it
+            logging.getLogger(__name__).debug("early start of Prefect's temporary server failed", exc_info=True)
 
-            import tasks.tfenv  # noqa: F401
-        except Exception:  # noqa: BLE001 - the stage's own import reports it
-            logging.getLogger(__name__).debug("preload failed", exc_info=True)
+    ephemeral = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+    thread = threading.Thread(target=start if ephemeral else None, name="recflow-prefect-server", daemon=True)
+    thread.start()
+    return thread
 
-    threading.Thread(target=load, name="recflow-preload", daemon=True).start()
+
+def _preload() -> None:
+    """Import Great Expectations, TensorFlow and MLflow while Prefect's temporary server
+    boots, before the flow starts: off a run's critical path on 2 cores, and never while a
+    stage logs (TensorFlow's import silences the process's stderr for a moment). The stages
+    import them as usual; a failed preload only means they pay for it there."""
+    try:
+        import great_expectations  # noqa: F401
+        import mlflow.tracking  # noqa: F401
+
+        import tasks.tfenv  # noqa: F401
+    except Exception:  # noqa: BLE001 - the stage's own import reports it
+        logging.getLogger(__name__).debug("preload failed", exc_info=True)
 
 
-def _user_errors_in_one_line(flow, *args):
+def _user_errors_in_one_line(server: threading.Thread, flow, *args):
     from tasks.workspace import RecflowError
 
     _check_prefect()
     _quiet_user_errors(RecflowError)
     _preload()
+    server.join()
     try:
         return flow(*args)
     except RecflowError as error:

@@ -213,7 +213,9 @@ def item_similarity(
     counts = np.asarray(matrix.sum(axis=0)).ravel()
     parts = []
     for start in range(0, n_items + 1, block):
-        together = (by_item[start : start + block] @ matrix).tocoo()
+        together = by_item[start : start + block] @ matrix
+        together.sort_indices()  # columns ascending within each row, for the ties below
+        together = together.tocoo()
         rows, columns = together.row + start, together.col
         off_diagonal = rows != columns
         rows, columns = rows[off_diagonal], columns[off_diagonal]
@@ -228,8 +230,11 @@ def item_similarity(
 
 def _strongest_per_row(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, width: int):
     """The (row, column, value) triples with each row's `width` largest values (ties: the
-    lower column)."""
-    order = np.lexsort((columns, -values, rows))
+    lower column). Triples come in row order with columns ascending within a row, and
+    values are non-negative float32, whose bit patterns order like the values: one stable
+    sort on (row, value descending) keeps that column order among ties."""
+    key = (rows.astype(np.int64) << 31) | (0x7FFFFFFF - values.view(np.int32)).astype(np.int64)
+    order = np.argsort(key, kind="stable")
     rows, columns, values = rows[order], columns[order], values[order]
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.zeros(0, np.int64)
     rank = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))

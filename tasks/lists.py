@@ -6,20 +6,17 @@ rank them, choose the list
 (plain order, or maximal marginal relevance with `lists.diversity`), give the last
 positions to new items (`lists.new_item_slots`) and explain each item by the history item
 most like it. Scoring writes tonight's table with it and evaluation scores the held-out
-split with it, so both judge the same lists. `published_list` reads one user's list back.
+split with it, so both judge the same lists.
 """
 
 from __future__ import annotations
-
-import datetime as dt
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from schemas.config import ListConfig
-from schemas.tables import CandidateSources, ModelDir, partition
+from schemas.tables import CandidateSources, ModelDir
 from tasks.candidates import generate
 from tasks.features import MAX_CATEGORIES, Features, padded, user_histories
 from tasks.inference import RetrievalBundle, candidate_settings, item_similarity, model_item_map, model_user_map
@@ -224,26 +221,3 @@ def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[
     row = np.minimum(np.searchsorted(block, users), block.size - 1)
     keep = (block[row] == users) & (items > 0)
     return row[keep], items[keep]
-
-
-def published_list(workspace: Path, user_id: str, run_date: dt.date | None = None) -> pl.DataFrame:
-    """One user's published list (latest run date unless given), with item titles and the
-    title of the history item that explains each recommendation."""
-    root = workspace / "recommendations"
-    dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
-    if not dates:
-        raise RecflowError(f"no recommendations under {root}; run `recflow run` first")
-    day = run_date.isoformat() if run_date else dates[-1]
-    if day not in dates:
-        raise RecflowError(f"no recommendations for run date {day} under {root} (latest: {dates[-1]})")
-    table = pl.read_parquet(root / f"run_date={day}" / "*.parquet").filter(pl.col("user_id") == user_id)
-    if table.is_empty():
-        raise RecflowError(f"user {user_id!r} has no list on {day}: not in that run's input")
-    items = partition(workspace, "snapshots", dt.date.fromisoformat(day)) / "items.parquet"
-    titles = (pl.read_parquet(items, columns=["item_id", "title"]) if items.exists()
-              else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String}))
-    table = table.join(titles, on="item_id", how="left").join(
-        titles.rename({"item_id": "because_item_id", "title": "because_title"}), on="because_item_id", how="left"
-    )
-    return table.sort("rank").select("rank", "item_id", "title", "score", "reason", "because_item_id",
-                                     "because_title", "run_date", "model_version")

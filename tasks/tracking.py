@@ -9,8 +9,10 @@ cheap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -244,19 +246,17 @@ def champion_models(workspace: Path) -> ModelDir | None:
 
 def recent_runs(workspace: Path, experiment: str, last: int) -> pl.DataFrame | None:
     """The last runs side by side (one column per run, newest first), for `recflow runs`."""
-    mlflow = client(workspace)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
+    runs = stored_runs(tracking_uri(workspace), experiment, last)
+    if runs is None:
         return None
-    runs = mlflow.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last)
     fields = {
-        "status": lambda r: r.info.status,
-        "promoted": lambda r: r.data.tags.get("promoted", ""),
-        "stages reused": lambda r: _count(r.data.tags.get("reused_stages", "")),
-        "source": lambda r: r.data.tags.get("source", ""),
-        "data hash": lambda r: r.data.tags.get("data_hash", ""),
+        "status": lambda r: r["status"],
+        "promoted": lambda r: r["tags"].get("promoted", ""),
+        "stages reused": lambda r: _count(r["tags"].get("reused_stages", "")),
+        "source": lambda r: r["tags"].get("source", ""),
+        "data hash": lambda r: r["tags"].get("data_hash", ""),
         **{
-            label: (lambda r, key=key: _cell(r.data.metrics.get(key)))
+            label: (lambda r, key=key: _cell(r["metrics"].get(key)))
             for label, key in (
                 ("ndcg@10", "ndcg_at_10"), ("recall@10", "recall_at_10"), ("champion ndcg@10", "champion_ndcg_at_10"),
                 ("retrieval-only ndcg@10", "retrieval_ndcg_at_10"), ("popularity ndcg@10", "popularity_ndcg_at_10"),
@@ -264,13 +264,47 @@ def recent_runs(workspace: Path, experiment: str, last: int) -> pl.DataFrame | N
                 ("interactions", "data_interactions"), ("total seconds", "time_total_s"),
             )
         },
-        "run id": lambda r: r.info.run_id,
+        "run id": lambda r: r["run_id"],
     }
     columns = {"": list(fields)}
     for found_run in runs:
-        label = f"{found_run.data.tags.get('run_date', '?')} ({found_run.info.run_id[:6]})"
+        label = f"{found_run['tags'].get('run_date', '?')} ({found_run['run_id'][:6]})"
         columns[label] = [get(found_run) for get in fields.values()]
     return pl.DataFrame(columns)
+
+
+def stored_runs(uri: str, experiment: str, last: int) -> list[dict] | None:
+    """The experiment's last active runs, newest first: run_id, status, tags, latest
+    metrics; None when there is no such experiment. The workspace's sqlite store is read
+    with plain SQL (MLflow's own tables), because importing MLflow takes longer than a
+    lookup may; any other store through MLflow's client."""
+    if not uri.startswith("sqlite:///"):
+        return _client_runs(uri, experiment, last)
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        found = db.execute("SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        if found is None:
+            return None
+        runs = db.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = ? AND lifecycle_stage = 'active' "
+                          "ORDER BY start_time DESC LIMIT ?", (found[0], last)).fetchall()
+        return [{"run_id": run_id, "status": status,
+                 "tags": dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,))),
+                 "metrics": dict(db.execute("SELECT key, value FROM latest_metrics WHERE run_uuid = ?", (run_id,)))}
+                for run_id, status in runs]
+
+
+def _client_runs(uri: str, experiment: str, last: int) -> list[dict] | None:
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last)
+    return [{"run_id": r.info.run_id, "status": r.info.status, "tags": r.data.tags, "metrics": r.data.metrics}
+            for r in runs]
 
 
 def _cell(value: float | None) -> str:

@@ -2,7 +2,8 @@
 
 Everything a run publishes goes through `publish_dir` or `write_parquet`/`write_json`:
 written under a temp name, fsynced, then renamed into place, so a reader sees a file or
-partition whole or not at all.
+partition whole or not at all. `published_list` reads one user's list back (for `recflow
+recs` and `explain`: polars only, no model code).
 
 Stage outputs are cached by content: a stage stamps its output directory with the hash
 of everything the output was computed from (`stage_key`: the upstream record's key, the
@@ -28,7 +29,7 @@ from typing import TypeVar
 import polars as pl
 from pydantic import BaseModel
 
-from schemas.tables import STAGE_RECORD, StageRecord
+from schemas.tables import STAGE_RECORD, StageRecord, partition
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +186,26 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def published_list(workspace: Path, user_id: str, run_date: dt.date | None = None) -> pl.DataFrame:
+    """One user's published list (latest run date unless given), with item titles and the
+    title of the history item that explains each recommendation."""
+    root = workspace / "recommendations"
+    dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
+    if not dates:
+        raise RecflowError(f"no recommendations under {root}; run `recflow run` first")
+    day = run_date.isoformat() if run_date else dates[-1]
+    if day not in dates:
+        raise RecflowError(f"no recommendations for run date {day} under {root} (latest: {dates[-1]})")
+    table = pl.read_parquet(root / f"run_date={day}" / "*.parquet").filter(pl.col("user_id") == user_id)
+    if table.is_empty():
+        raise RecflowError(f"user {user_id!r} has no list on {day}: not in that run's input")
+    items = partition(workspace, "snapshots", dt.date.fromisoformat(day)) / "items.parquet"
+    titles = (pl.read_parquet(items, columns=["item_id", "title"]) if items.exists()
+              else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String}))
+    table = table.join(titles, on="item_id", how="left").join(
+        titles.rename({"item_id": "because_item_id", "title": "because_title"}), on="because_item_id", how="left"
+    )
+    return table.sort("rank").select("rank", "item_id", "title", "score", "reason", "because_item_id",
+                                     "because_title", "run_date", "model_version")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -281,6 +282,18 @@ def test_cli_prints_a_users_list_with_titles_and_the_last_runs_side_by_side(nigh
     assert runs.returncode == 0, runs.stderr
     assert f"{RUN_DATE} ({summary['mlflow_run_id'][:6]})" in runs.stdout  # the one run so far
     assert "ndcg@10" in runs.stdout and "champion ndcg@10" in runs.stdout
+
+
+def test_commands_that_only_read_import_no_tensorflow_great_expectations_prefect_or_mlflow(nightly_run):
+    workspace, _ = nightly_run
+    user = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")["user_id"][0]
+    where = ["--workspace", str(workspace)]
+    for command in (["recs", user, *where], ["explain", user, *where], ["runs", "--last", "5", *where], ["--help"]):
+        result = cli(*command, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+        assert "polars" in imported or command == ["--help"]  # the import log was read
+        assert not imported & {"tensorflow", "great_expectations", "prefect", "mlflow"}, command
 
 
 def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nightly_run, copy_of_run, tmp_path):
