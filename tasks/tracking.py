@@ -283,7 +283,7 @@ def stored_runs(uri: str, experiment: str, last: int) -> list[dict] | None:
     path = Path(uri.removeprefix("sqlite:///"))
     if not path.exists():
         return None
-    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
         found = db.execute("SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)).fetchone()
         if found is None:
             return None

@@ -41,4 +41,6 @@ def test_recflow_runs_reads_the_sqlite_store_as_mlflow_does(tmp_path, monkeypatc
     assert [(r["tags"]["run_date"], r["status"], r["metrics"]["ndcg_at_10"]) for r in direct] == [
         ("2026-11-22", "FINISHED", 0.625), ("2026-11-21", "FINISHED", 0.375)]
     assert tracking.stored_runs(uri, "another", 2) is None
+    monkeypatch.chdir(tmp_path)  # MLFLOW_TRACKING_URI=sqlite:///mlflow.db: relative to the working directory
+    assert tracking.stored_runs("sqlite:///mlflow.db", "recflow", 2) == direct
     assert tracking.stored_runs(tracking.tracking_uri(tmp_path / "empty"), "recflow", 2) is None
