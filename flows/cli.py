@@ -264,7 +264,9 @@ def _user_errors_in_one_line(server: threading.Thread, flow, *args):
     try:
         return flow(*args)
     except RecflowError as error:
-        logging.getLogger("prefect").setLevel(logging.WARNING)  # keep our line last
+        # Keep our line last: Prefect's services drain at exit and may still log (INFO, or
+        # WARNING "Still processing items" from loggers outside "prefect"); errors still show.
+        logging.disable(logging.WARNING)
         _fail(str(error))
 
 
