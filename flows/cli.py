@@ -264,9 +264,10 @@ def _user_errors_in_one_line(server: threading.Thread, flow, *args):
     try:
         return flow(*args)
     except RecflowError as error:
-        # Keep our line last: Prefect's services drain at exit and may still log (INFO, or
-        # WARNING "Still processing items" from loggers outside "prefect"); errors still show.
-        logging.disable(logging.WARNING)
+        # Keep our line last: Prefect's loggers, and its events worker's "Still processing
+        # items" warning as it drains at exit (a logger outside "prefect"); errors still show.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
         _fail(str(error))
 
 
