@@ -36,12 +36,12 @@ def training(features, cfg: RetrievalConfig, length: int, epochs: int = 3) -> di
     from bench.tutorial import _Timer
     from tasks import towers
     from tasks.retrieval import training_batches, training_examples
-    from tasks.tfenv import keras, seed_everything
+    from tasks.tfenv import seed_everything
 
     seed_everything(42)
     dataset, steps = training_batches(training_examples(features, length), cfg.batch_size, 42, 10**12)
     model = towers.TwoTower(features, length, cfg)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
     timer = _Timer()
     model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=[timer], verbose=0)
     step_seconds = sum(t for epoch in timer.batches[1:] for t in epoch)

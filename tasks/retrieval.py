@@ -62,7 +62,7 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
         model = towers.TwoTower(loaded, length, cfg)
         if warm is not None:
             warm_start(model, warm, loaded)
-        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
     validation = towers.EpochMetric("val_recall", _validation_recall(loaded, length))
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_recall", mode="max", patience=cfg.patience, restore_best_weights=True

@@ -1,0 +1,54 @@
+"""The training optimiser: Adam whose embedding updates touch only the rows a batch used."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.towers import RowSparseAdam
+from tasks.tfenv import keras, tf
+
+LR, BETA_1, BETA_2, EPSILON = 0.1, 0.9, 0.999, 1e-7
+
+
+def _lookup_step(optimiser, table, rows, weights):
+    """One step on the loss sum(weights * table[rows]): the gradient is IndexedSlices with
+    a slice per lookup (repeated rows repeat)."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(table, rows) * weights)
+    gradient = tape.gradient(loss, table)
+    assert isinstance(gradient, tf.IndexedSlices)
+    optimiser.apply_gradients([(gradient, table)])
+
+
+def test_an_embedding_step_moves_only_the_rows_looked_up_by_adam_on_their_summed_gradients():
+    start = np.arange(12, dtype=np.float32).reshape(6, 2) / 10
+    table = tf.Variable(start)
+    optimiser = RowSparseAdam(LR)
+    m, v, expected = np.zeros_like(start), np.zeros_like(start), start.copy()
+    batches = [(np.array([1, 2, 1]), np.array([[1.0, -2.0], [0.5, 0.5], [1.0, 1.0]], np.float32)),
+               (np.array([2, 4]), np.array([[3.0, 1.0], [-1.0, 0.25]], np.float32))]
+    for step, (rows, weights) in enumerate(batches, start=1):
+        _lookup_step(optimiser, table, rows, weights)
+        gradient = np.zeros_like(start)
+        np.add.at(gradient, rows, weights)
+        used = np.unique(rows)
+        m[used] = BETA_1 * m[used] + (1 - BETA_1) * gradient[used]
+        v[used] = BETA_2 * v[used] + (1 - BETA_2) * gradient[used] ** 2
+        alpha = LR * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step)
+        expected[used] -= alpha * m[used] / (np.sqrt(v[used]) + EPSILON)
+        np.testing.assert_allclose(table.numpy(), expected, rtol=1e-5)
+    # Row 1 was used only in the first step and rows 0, 3, 5 never: none of them moved in the
+    # second (Keras' Adam would have moved row 1 again on its decayed momentum).
+    assert np.array_equal(table.numpy()[[0, 3, 5]], start[[0, 3, 5]])
+
+
+def test_dense_weights_get_keras_adam():
+    start = np.linspace(-1, 1, 8, dtype=np.float32).reshape(4, 2)
+    ours, reference = tf.Variable(start), tf.Variable(start)
+    for optimiser, weights in ((RowSparseAdam(LR), ours), (keras.optimizers.Adam(LR), reference)):
+        for scale in (1.0, -0.5, 2.0):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(weights * scale))
+            optimiser.apply_gradients([(tape.gradient(loss, weights), weights)])
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-6)
+    assert not np.allclose(ours.numpy(), start)
