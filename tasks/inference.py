@@ -202,6 +202,15 @@ def item_similarity(
     rows of about 4M possible similarities), so memory stays flat whatever the catalogue
     size. Row and column 0 (padding / unknown) stay empty.
     """
+    return item_similarities(users, items, n_items, [(shrink, asymmetry)], neighbours, block)[0]
+
+
+def item_similarities(
+    users: np.ndarray, items: np.ndarray, n_items: int, settings: list[tuple[float, float]],
+    neighbours: int = NEIGHBOURS, block: int | None = None,
+) -> list[sp.csr_matrix]:
+    """`item_similarity` for each (shrink, asymmetry) of `settings`, in one pass: the
+    co-occurrence counts, most of the cost, are computed once per block of items and shared."""
     block = block or max(16, 2**22 // (n_items + 1))
     keep = items > 0
     matrix = sp.csr_matrix(
@@ -211,32 +220,58 @@ def item_similarity(
     matrix.data[:] = 1.0  # repeated events count once
     by_item = matrix.T.tocsr()
     counts = np.asarray(matrix.sum(axis=0)).ravel()
-    parts = []
+    parts: list[list[tuple]] = [[] for _ in settings]
     for start in range(0, n_items + 1, block):
         together = by_item[start : start + block] @ matrix
         together.sort_indices()  # columns ascending within each row, for the ties below
         together = together.tocoo()
         rows, columns = together.row + start, together.col
         off_diagonal = rows != columns
-        rows, columns = rows[off_diagonal], columns[off_diagonal]
-        scale = counts[rows] ** asymmetry * counts[columns] ** (1 - asymmetry) + shrink
-        values = together.data[off_diagonal] / np.maximum(scale, 1e-12)
-        parts.append(_strongest_per_row(rows, columns, values, neighbours))
-    rows, columns, values = (np.concatenate(column) for column in zip(*parts)) if parts else ([], [], [])
-    similarity = sp.csr_matrix((values, (rows, columns)), shape=(n_items + 1, n_items + 1), dtype=np.float32)
-    similarity.eliminate_zeros()
-    return similarity
+        rows, columns, shared = rows[off_diagonal], columns[off_diagonal], together.data[off_diagonal]
+        layout = _Rows(rows, neighbours)
+        for found, (shrink, asymmetry) in zip(parts, settings):
+            values = shared / np.maximum((counts**asymmetry)[rows] * (counts ** (1 - asymmetry))[columns] + shrink,
+                                         1e-12)
+            keep = layout.strongest(values)
+            found.append((rows[keep], columns[keep], values[keep]))
+    similarities = []
+    for found in parts:
+        rows, columns, values = (np.concatenate(column) for column in zip(*found)) if found else ([], [], [])
+        similarity = sp.csr_matrix((values, (rows, columns)), shape=(n_items + 1, n_items + 1), dtype=np.float32)
+        similarity.eliminate_zeros()
+        similarities.append(similarity)
+    return similarities
 
 
-def _strongest_per_row(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, width: int):
-    """The (row, column, value) triples with each row's `width` largest values (ties: the
-    lower column). Triples come in row order with columns ascending within a row, and
-    values are non-negative float32, whose bit patterns order like the values: one stable
-    sort on (row, value descending) keeps that column order among ties."""
-    key = (rows.astype(np.int64) << 31) | (0x7FFFFFFF - values.view(np.int32)).astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    rows, columns, values = rows[order], columns[order], values[order]
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.zeros(0, np.int64)
-    rank = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
-    keep = rank < width
-    return rows[keep], columns[keep], values[keep]
+class _Rows:
+    """Where the triples of one block of `item_similarity` sit: rows come in order with
+    columns ascending within a row. The triples of rows longer than `width` are laid out as
+    one dense array (at most a block of rows), whose partition, not a sort, finds each such
+    row's `width`-th largest value."""
+
+    def __init__(self, rows: np.ndarray, width: int):
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.zeros(0, np.int64)
+        lengths = np.diff(np.r_[starts, rows.size])
+        long_rows = lengths > width
+        self.width, self.long = width, np.flatnonzero(np.repeat(long_rows, lengths))
+        self.row = np.repeat(np.cumsum(long_rows) - 1, lengths)[self.long]  # among the long rows
+        self.position = (np.arange(rows.size) - np.repeat(starts, lengths))[self.long]
+        self.first = np.flatnonzero(self.position == 0)  # each long row's first triple
+        self.shape = (int(long_rows.sum()), int(lengths.max(initial=0)))
+        self.cell = self.row * self.shape[1] + self.position
+
+    def strongest(self, values: np.ndarray) -> np.ndarray:
+        """Which triples to keep: each row's `width` largest positive `values` (ties: the lower
+        columns)."""
+        keep = np.ones(values.size, bool)
+        if not self.long.size:
+            return keep
+        long = values[self.long]
+        negated = np.ones(self.shape, np.float32)  # padding sorts after every -value
+        negated.ravel()[self.cell] = -long
+        threshold = -np.partition(negated, self.width - 1, axis=1)[:, self.width - 1][self.row]
+        above, tie = long > threshold, long == threshold
+        room = self.width - np.bincount(self.row[above], minlength=self.shape[0])[self.row]
+        ties_before = np.cumsum(tie) - tie
+        keep[self.long] = above | (tie & (ties_before - ties_before[self.first][self.row] < room))
+        return keep

@@ -9,7 +9,9 @@ fitted to one of them, this stage scores every pair of `candidates.similarity_sh
 `candidates.similarity_asymmetry` on the pipeline's own validation split (similarity and
 histories from `fit`, truth the `valid` items of the sampled users) by NDCG@10 of
 co-visitation's own top 10, and keeps the best (a tie keeps the earlier pair). Pairs are
-tried in order while `candidates.selection_seconds` lasts. The choice is stored with the
+tried in order while `candidates.selection_seconds` lasts; their similarities are built
+in one pass over the co-occurrence counts (several passes where a catalogue is too large
+for all of them in `SIMILARITY_BYTES`). The choice is stored with the
 models (settings.json), so the ranker trains and scoring runs on it; the trials go to
 MLflow (`selection.csv`, `selection_*` metrics) and to the Prefect UI.
 """
@@ -26,13 +28,14 @@ from schemas.config import Run
 from schemas.tables import CandidateSources, FeatureSet, ModelDir, Selection, TrainedModel, Trial
 from tasks.candidates import covisited
 from tasks.features import load_features, user_histories
-from tasks.inference import as_table, item_similarity, read_selection, rows_of, save_settings
+from tasks.inference import NEIGHBOURS, as_table, item_similarities, read_selection, rows_of, save_settings
 from tasks.metrics import ranking_metrics
 from tasks.stage import stage
 
 log = logging.getLogger(__name__)
 
 CUTOFF = 10
+SIMILARITY_BYTES = 2**30  # similarities built in one pass (about 12 bytes per kept pair)
 
 
 def select(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Selection:
@@ -50,21 +53,27 @@ def select(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Selection
     truth = valid.filter(pl.col("user_idx").is_in(users.tolist())).select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item")
     )
+    pairs = [(shrink, asymmetry) for shrink in cfg.similarity_shrink for asymmetry in cfg.similarity_asymmetry]
+    at_once = max(1, SIMILARITY_BYTES // (12 * NEIGHBOURS * (loaded.n_items + 1)))
     started, trials = time.perf_counter(), []
-    for shrink in cfg.similarity_shrink:
-        for asymmetry in cfg.similarity_asymmetry:
+    for first in range(0, len(pairs), at_once):
+        batch, similarities, shared = pairs[first : first + at_once], None, 0.0
+        for at, (shrink, asymmetry) in enumerate(batch):
             if trials and (users.size == 0 or time.perf_counter() - started > cfg.selection_seconds):
                 trials.append(Trial(shrink=shrink, asymmetry=asymmetry))  # not scored
                 continue
             tried = time.perf_counter()
-            similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), loaded.n_items,
-                                         shrink=shrink, asymmetry=asymmetry)
-            top = covisited(similarity, recent, exclude, cfg.half_life, max(CUTOFF, cfg.covisitation))
+            if similarities is None:  # the batch's co-occurrence counts are computed once, for all its pairs
+                similarities = item_similarities(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(),
+                                                 loaded.n_items, batch)
+                shared = (time.perf_counter() - tried) / len(batch)
+                tried = time.perf_counter()
+            top = covisited(similarities[at], recent, exclude, cfg.half_life, max(CUTOFF, cfg.covisitation))
             trials.append(Trial(
                 shrink=shrink, asymmetry=asymmetry,
                 ndcg=ranking_metrics(as_table(users, top[:, :CUTOFF]), truth, CUTOFF, loaded.n_items)["ndcg"],
                 recall=ranking_metrics(as_table(users, top), truth, top.shape[1], loaded.n_items)["recall"],
-                seconds=round(time.perf_counter() - tried, 2),
+                seconds=round(shared + time.perf_counter() - tried, 2),
             ))
     best = max((trial for trial in trials if trial.ndcg is not None), key=lambda trial: trial.ndcg)
     sources = CandidateSources(two_tower=cfg.two_tower, covisitation=cfg.covisitation, half_life=cfg.half_life,
