@@ -145,8 +145,8 @@ class RankingConfig(_Section):
     """The ranker trains on the candidate lists of users with `valid` events. Two probe
     rankers, each trained on one seeded half of the lists until its loss on the other half
     stops falling, give every list scores from a ranker that never saw it; those choose the
-    epochs and the popularity discount. The ranker kept then trains on every list that long,
-    with that discount."""
+    epochs and the popularity discount. A final ranker then trains on every list that long;
+    the exported ranker scores the mean logit of it and the two probes, with that discount."""
 
     embedding_dim: int = Field(32, ge=4)
     batch_size: int = Field(32, ge=1, description="users (candidate lists) per batch")

@@ -9,7 +9,9 @@ each user's list, as the top-K metrics judge it. So it learns how to blend the s
 on this data. Features: both sources' scores, the rank in its source, item popularity,
 the user's activity (and, optionally, user and item id embeddings); DCN-v2 cross layers
 model their interactions. How long to train, and whether to discount popularity, are
-chosen by two-fold cross-fitting over the lists (`_train`).
+chosen by two-fold cross-fitting over the lists (`_train`); the probe rankers of the
+cross-fitting stay in the exported ranker, which scores the mean logit of the final ranker
+and the two probes.
 Exported as a SavedModel with one `score` signature, beside the retrieval model; the stage
 then publishes the whole models directory.
 """
@@ -103,10 +105,12 @@ def _train(
     # Two-fold cross-fitting: a probe ranker trains on each (seeded) half of the lists for as
     # long as its loss on the other half falls (at most max_epochs); every list then has scores
     # from a ranker that never saw it, and those choose the epochs and the popularity discount.
+    # The probes are kept: the exported ranker averages them with the final one (with a few
+    # thousand lists, one ranker's order moves with its seed; the mean of three moves less).
     half = np.random.default_rng(seed).random(keep.size) < 0.5
     folds = [(keep[half], keep[~half]), (keep[~half], keep[half])]
     history: dict[str, list[float]] = {}
-    epochs, discount, checks, best_losses = 0, 0.0, {}, []
+    epochs, discount, checks, best_losses, probes = 0, 0.0, {}, [], []
     if all(train.size and check.size for train, check in folds):
         unseen = np.zeros(found.items.shape, dtype=np.float32)
         for fold, (train, check) in enumerate(folds, start=1):
@@ -121,18 +125,20 @@ def _train(
             best_losses.append(min(losses))
             epochs += (int(np.argmin(losses)) + 1) / len(folds)
             unseen[check] = probe(checked).numpy()
+            probes.append(probe)
         epochs = max(1, round(epochs))
         popularity = found.numeric[keep][..., FEATURES.index("log_item_popularity")]
         discount, checks = _discount(unseen[keep], popularity, found.real[keep], labels[keep],
                                      cfg.popularity_discounts)
     model = ranker()
-    if epochs:  # then the ranker kept trains on every list, for that many epochs, with that discount
+    if epochs:  # then a final ranker trains on every list, for that many epochs; all three get that discount
         model.fit(batches(keep), epochs=epochs, verbose=0)
-        model.popularity_discount.assign(discount)
+        for each in (model, *probes):
+            each.popularity_discount.assign(discount)
     else:  # tiny data: too few users picked a candidate; an untrained ranker keeps the two-tower order
         log.warning("ranking: %d validation pick(s) among the candidates, too few to train on; the ranker keeps "
                     "the two-tower order", keep.size)
-    model.export(models.ranking_path)
+    model.export(models.ranking_path, probes)
     metrics = {
         "held_out_loss": float(np.mean(best_losses)) if best_losses else float("nan"),
         f"held_out_ndcg_at_{CUTOFF}": checks.get(discount, float("nan")),

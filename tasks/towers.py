@@ -8,7 +8,7 @@ TFRS task and loss, as in TFRS itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -250,8 +250,11 @@ class Ranker(tfrs.models.Model):
         logits = tf.where(inputs["real"], self(inputs, training=training), -1e9)
         return self.task(labels=labels, predictions=logits, compute_metrics=False)
 
-    def export(self, out) -> None:
+    def export(self, out, others: Sequence[Ranker] = ()) -> None:
+        """Save a `score` signature: this ranker's logits, averaged with those of `others`
+        (rankers of the same features) when given."""
         n_numeric = self.normalise.mean.shape[-1]
+        rankers = [self, *others]
 
         @tf.function(
             input_signature=[
@@ -261,10 +264,11 @@ class Ranker(tfrs.models.Model):
             ]
         )
         def score(user_idx, item_idx, numeric):
-            return {"score": self({"user_idx": user_idx, "item_idx": item_idx, "numeric": numeric})}
+            inputs = {"user_idx": user_idx, "item_idx": item_idx, "numeric": numeric}
+            return {"score": tf.add_n([ranker(inputs) for ranker in rankers]) / len(rankers)}
 
         module = tf.Module()
-        module.ranker, module.score = self, score
+        module.rankers, module.score = rankers, score
         tf.saved_model.save(module, str(out), signatures={"score": score})
 
 

@@ -1,10 +1,14 @@
-"""The training optimiser: Adam whose embedding updates touch only the rows a batch used."""
+"""The training optimiser (Adam whose embedding updates touch only the rows a batch used) and
+the exported ranker."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
-from tasks.towers import RowSparseAdam
+from schemas.config import RankingConfig
+from tasks.towers import Ranker, RowSparseAdam
 from tasks.tfenv import keras, tf
 
 LR, BETA_1, BETA_2, EPSILON = 0.1, 0.9, 0.999, 1e-7
@@ -52,3 +56,25 @@ def test_dense_weights_get_keras_adam():
             optimiser.apply_gradients([(tape.gradient(loss, weights), weights)])
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-6)
     assert not np.allclose(ours.numpy(), start)
+
+
+def test_the_exported_ranker_scores_the_mean_of_its_rankers_logits_each_with_the_discount(tmp_path):
+    rng = np.random.default_rng(0)
+    numeric = rng.normal(size=(40, 3)).astype(np.float32)
+    inputs = {"user_idx": np.arange(40, dtype=np.int32) % 4, "item_idx": np.arange(40, dtype=np.int32) % 7,
+              "numeric": numeric}
+    rankers = []
+    for seed in (1, 2, 3):
+        keras.utils.set_random_seed(seed)
+        ranker = Ranker(SimpleNamespace(n_users=4, n_items=7), RankingConfig(), popularity_feature=2)
+        ranker.adapt(numeric)
+        ranker(inputs)
+        ranker.correction.kernel.assign(rng.normal(size=ranker.correction.kernel.shape))  # starts at zero
+        ranker.popularity_discount.assign(0.3)
+        rankers.append(ranker)
+    logits = [ranker(inputs).numpy() for ranker in rankers]
+    assert not np.allclose(logits[0], logits[1])
+    rankers[0].export(tmp_path / "ranker", rankers[1:])
+    score = tf.saved_model.load(str(tmp_path / "ranker")).signatures["score"]
+    served = score(**{name: tf.constant(values) for name, values in inputs.items()})["score"].numpy()
+    np.testing.assert_allclose(served, np.mean(logits, axis=0), rtol=1e-5, atol=1e-6)
