@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -221,51 +220,52 @@ def _pipeline_config(path: Path | None, **flags):
     return pipeline_config
 
 
-def _start_prefect_server() -> threading.Thread:
-    """In ephemeral mode (no PREFECT_API_URL) the flow's first call to Prefect starts its
-    temporary server, a subprocess that boots in ~15 s on 2 cores, and waits for it. Started
-    here instead, before this process imports the pipeline, it boots while those imports
-    run; the flow then finds it running. The thread waits for it to answer: join it before
-    running a flow. If it fails here, the flow starts it as before and reports why."""
-    from prefect.server.api.server import SubprocessASGIServer
+def _start_prefect_server():
+    """In ephemeral mode (no PREFECT_API_URL) start Prefect's temporary server now, before
+    this process imports the pipeline: it boots in its own process (~8 s on 2 cores) while
+    those imports run (`flows.stack.TemporaryPrefect`). None when a server is configured."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 - the flow's own start reports it
-            logging.getLogger(__name__).debug("early start of Prefect's temporary server failed", exc_info=True)
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from flows.stack import TemporaryPrefect
 
-    ephemeral = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
-    thread = threading.Thread(target=start if ephemeral else None, name="recflow-prefect-server", daemon=True)
-    thread.start()
-    return thread
+    return TemporaryPrefect()
 
 
-def _preload(server: threading.Thread) -> None:
+def _preload(server) -> None:
     """Import MLflow, Great Expectations and TensorFlow, in that order, while Prefect's
-    temporary server boots (`server` alive), before the flow starts: on 2 cores that hides
-    them behind the boot, and keeps them from running while a stage logs (TensorFlow's
-    import silences the process's stderr for a moment). Once the server answers the flow
-    starts, and a stage imports what it needs itself: a rerun whose stages are all reused
-    needs neither TensorFlow nor Great Expectations. A failed preload only means the stage
-    pays for it."""
+    temporary server boots, before the flow starts: on 2 cores that hides them behind the
+    boot, and keeps them from running while a stage logs (TensorFlow's import silences the
+    process's stderr for a moment). Once the server answers the flow starts, and a stage
+    imports what it needs itself: a rerun whose stages are all reused needs neither
+    TensorFlow nor Great Expectations. A failed preload only means the stage pays for it."""
     try:
         for module in ("mlflow.tracking", "great_expectations", "tasks.tfenv"):
-            if not server.is_alive():
+            if server is None or not server.booting():
                 return
             importlib.import_module(module)
     except Exception:  # noqa: BLE001 - the stage's own import reports it
         logging.getLogger(__name__).debug("preload failed", exc_info=True)
 
 
-def _user_errors_in_one_line(server: threading.Thread, flow, *args):
+def _user_errors_in_one_line(server, flow, *args):
+    """Run `flow` once the Prefect API answers (`server`: the temporary one, or None for
+    PREFECT_API_URL's); a user error ends in one line."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    from flows.stack import StackError
     from tasks.workspace import RecflowError
 
-    _check_prefect()
+    if server is None:
+        _check_prefect()
     _quiet_user_errors(RecflowError)
     _preload(server)
-    server.join()
+    if server is not None:
+        try:
+            server.wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        except StackError as error:
+            _fail(str(error))
     try:
         return flow(*args)
     except RecflowError as error:

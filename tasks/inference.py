@@ -199,8 +199,8 @@ def item_similarity(
     a history item, column j a candidate; asymmetry 0.5 is cosine, larger values discount
     popular history items more and popular candidates less; `shrink` pulls pairs seen
     together by few users towards zero. Computed sparse, `block` items at a time (by default
-    rows of about 4M possible similarities), so memory stays flat whatever the catalogue
-    size. Row and column 0 (padding / unknown) stay empty.
+    rows of about 4M possible similarities, two blocks at once), so memory stays flat
+    whatever the catalogue size. Row and column 0 (padding / unknown) stay empty.
     """
     return item_similarities(users, items, n_items, [(shrink, asymmetry)], neighbours, block)[0]
 
@@ -210,7 +210,9 @@ def item_similarities(
     neighbours: int = NEIGHBOURS, block: int | None = None,
 ) -> list[sp.csr_matrix]:
     """`item_similarity` for each (shrink, asymmetry) of `settings`, in one pass: the
-    co-occurrence counts, most of the cost, are computed once per block of items and shared."""
+    co-occurrence counts, most of the cost, are computed once per block of items and shared.
+    Two threads work on blocks side by side (scipy's product and numpy release the GIL);
+    the blocks are joined in order, so the result does not depend on the threads."""
     block = block or max(16, 2**22 // (n_items + 1))
     keep = items > 0
     matrix = sp.csr_matrix(
@@ -220,8 +222,8 @@ def item_similarities(
     matrix.data[:] = 1.0  # repeated events count once
     by_item = matrix.T.tocsr()
     counts = np.asarray(matrix.sum(axis=0)).ravel()
-    parts: list[list[tuple]] = [[] for _ in settings]
-    for start in range(0, n_items + 1, block):
+
+    def one_block(start: int) -> list[tuple]:
         together = by_item[start : start + block] @ matrix
         together.sort_indices()  # columns ascending within each row, for the ties below
         together = together.tocoo()
@@ -229,11 +231,17 @@ def item_similarities(
         off_diagonal = rows != columns
         rows, columns, shared = rows[off_diagonal], columns[off_diagonal], together.data[off_diagonal]
         layout = _Rows(rows, neighbours)
-        for found, (shrink, asymmetry) in zip(parts, settings):
+        found = []
+        for shrink, asymmetry in settings:
             values = shared / np.maximum((counts**asymmetry)[rows] * (counts ** (1 - asymmetry))[columns] + shrink,
                                          1e-12)
             keep = layout.strongest(values)
             found.append((rows[keep], columns[keep], values[keep]))
+        return found
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        blocks = list(pool.map(one_block, range(0, n_items + 1, block)))
+    parts = [[found[at] for found in blocks] for at in range(len(settings))]
     similarities = []
     for found in parts:
         rows, columns, values = (np.concatenate(column) for column in zip(*found)) if found else ([], [], [])

@@ -11,6 +11,8 @@ split with it, so both judge the same lists.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
@@ -47,9 +49,9 @@ def recommend(
     `lists.diversity` above 0 the list is chosen from the ranked candidates by maximal
     marginal relevance over item categories (`diversify`), and `score` is that choice's
     objective; then the last `lists.new_item_slots` positions (from rank
-    `lists.new_items_from_rank` on) go to new items
-    (`make_room_for_new_items`). Users are scored USERS_PER_BLOCK at a time, in the order
-    given. Returns one row per (user, rank) with the columns of RECS_SCHEMA.
+    `lists.new_items_from_rank` on) go to new items (`make_room_for_new_items`). Users are
+    scored USERS_PER_BLOCK at a time (two blocks side by side), in the order given.
+    Returns one row per (user, rank) with the columns of RECS_SCHEMA.
     """
     from tasks.tfenv import tf
 
@@ -73,8 +75,7 @@ def recommend(
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
     if similarity is None:
         similarity = history_similarity(models, features, history)
-    frames = []
-    for start in range(0, users.size, USERS_PER_BLOCK):
+    def one_block(start: int) -> pl.DataFrame:
         block = np.sort(users[start : start + USERS_PER_BLOCK])
         exclude = _pairs_in(block, seen_users, seen_items)
         found = generate(retrieval.queries(user_map[block], histories[block]), retrieval.item_embeddings,
@@ -94,22 +95,26 @@ def recommend(
         top = np.take_along_axis(candidates, order, axis=1)
         because, closeness = explain(unit, top, histories[block])
         width = top.shape[1]
-        frames.append(
-            pl.DataFrame(
-                {
-                    "user_idx": np.repeat(block, width).astype(np.int32),
-                    "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
-                    "item_id": item_ids[top.ravel()],
-                    "score": final.ravel().astype(np.float32),
-                    "retrieval_score": np.take_along_axis(found.two_tower, order, axis=1).ravel().astype(np.float32),
-                    "because_item_id": item_ids[because.ravel()],
-                    "because_title": titles[because.ravel()],
-                    "similarity": np.char.mod("%.2f", closeness.ravel()),
-                    "new": placed.ravel(),
-                },
-                schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
-            )
+        return pl.DataFrame(
+            {
+                "user_idx": np.repeat(block, width).astype(np.int32),
+                "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
+                "item_id": item_ids[top.ravel()],
+                "score": final.ravel().astype(np.float32),
+                "retrieval_score": np.take_along_axis(found.two_tower, order, axis=1).ravel().astype(np.float32),
+                "because_item_id": item_ids[because.ravel()],
+                "because_title": titles[because.ravel()],
+                "similarity": np.char.mod("%.2f", closeness.ravel()),
+                "new": placed.ravel(),
+            },
+            schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
         )
+
+    # Two blocks at a time: candidate generation is mostly numpy, single-threaded but
+    # releasing the GIL, so one block's candidates are drawn while the other's are ranked.
+    # The blocks are joined in order: the lists do not depend on the threads.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        frames = list(pool.map(one_block, range(0, users.size, USERS_PER_BLOCK)))
     recs = pl.concat(frames) if frames else pl.DataFrame(
         schema=RECS_SCHEMA | {"because_title": pl.String, "similarity": pl.String, "new": pl.Boolean}
     )

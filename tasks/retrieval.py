@@ -145,7 +145,9 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
     Each pass over the examples is a fresh seeded permutation whose batches are gathered
     from the arrays in memory: tf.data handles one element per batch, not per example,
     so the input never holds training back. An epoch is at most `max_examples` examples;
-    the next one goes on through the permutation.
+    the next one goes on through the permutation. tf.data's autotuning is off: it tunes
+    nothing here (the prefetch is fixed), and its thread held the end of `fit` for ~12 s
+    while the endless iterator shut down.
     """
     from tasks.tfenv import tf
 
@@ -164,7 +166,9 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
         .map(lambda rows: {name: tf.gather(values, rows) for name, values in tensors.items()})
         .prefetch(2)
     )
-    return dataset, max(1, min(per_pass, max_examples // size))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options), max(1, min(per_pass, max_examples // size))
 
 
 def warm_start(model, champion: ModelDir, features: Features) -> int:

@@ -267,8 +267,10 @@ class Ranker(tfrs.models.Model):
             inputs = {"user_idx": user_idx, "item_idx": item_idx, "numeric": numeric}
             return {"score": tf.add_n([ranker(inputs) for ranker in rankers]) / len(rankers)}
 
+        # The module holds the rankers' variables, not the Keras models: saving those would
+        # trace every layer's call for Keras' own loader (~1.5 s here, and slower loads).
         module = tf.Module()
-        module.rankers, module.score = rankers, score
+        module.weights, module.score = [v for ranker in rankers for v in ranker.variables], score
         tf.saved_model.save(module, str(out), signatures={"score": score})
 
 

@@ -266,3 +266,22 @@ def test_an_unreachable_prefect_api_fails_the_run_at_once(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"recflow: error: Prefect API {url} is unreachable")
     assert not (tmp_path / "ws" / "snapshots").exists()
+
+
+def test_a_temporary_prefect_server_that_cannot_start_fails_the_run_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    database = tmp_path / "not-a-directory"
+    database.write_text("")  # the server's database would live under a file: it cannot start
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{database}/prefect.db"}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--workspace", str(tmp_path / "ws"), "--run-date", str(BAD_DATE)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "recflow: error: Prefect's temporary server exited at start"), result.stderr[-2000:]
+    assert not (tmp_path / "ws" / "snapshots").exists()
