@@ -269,6 +269,8 @@ class Ranker(tfrs.models.Model):
 
         # The module holds the rankers' variables, not the Keras models: saving those would
         # trace every layer's call for Keras' own loader (~1.5 s here, and slower loads).
+        # Tracing first builds the layers of a ranker that never trained (tiny data).
+        score.get_concrete_function()
         module = tf.Module()
         module.weights, module.score = [v for ranker in rankers for v in ranker.variables], score
         tf.saved_model.save(module, str(out), signatures={"score": score})

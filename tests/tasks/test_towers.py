@@ -78,3 +78,14 @@ def test_the_exported_ranker_scores_the_mean_of_its_rankers_logits_each_with_the
     score = tf.saved_model.load(str(tmp_path / "ranker")).signatures["score"]
     served = score(**{name: tf.constant(values) for name, values in inputs.items()})["score"].numpy()
     np.testing.assert_allclose(served, np.mean(logits, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_ranker_that_never_ran_exports_and_keeps_the_two_tower_order(tmp_path):
+    numeric = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    ranker = Ranker(SimpleNamespace(n_users=4, n_items=7), RankingConfig(), popularity_feature=2)
+    ranker.adapt(numeric)  # tiny data: no training, so its layers are built only when the export traces it
+    ranker.export(tmp_path / "ranker")
+    score = tf.saved_model.load(str(tmp_path / "ranker")).signatures["score"]
+    served = score(user_idx=tf.constant([1, 2, 3, 1, 2], tf.int32), item_idx=tf.constant([1, 2, 3, 4, 5], tf.int32),
+                   numeric=tf.constant(numeric))["score"].numpy()
+    assert np.array_equal(np.argsort(-served), np.argsort(-numeric[:, 0]))  # the output layer starts at zero
