@@ -75,6 +75,7 @@ def recommend(
     seen_users, seen_items = history["user_idx"].to_numpy(), item_map[history["item_idx"].to_numpy()]
     if similarity is None:
         similarity = history_similarity(models, features, history)
+
     def one_block(start: int) -> pl.DataFrame:
         block = np.sort(users[start : start + USERS_PER_BLOCK])
         exclude = _pairs_in(block, seen_users, seen_items)
