@@ -2,7 +2,7 @@
 PYTHON ?= python3
 UV = $(PYTHON) -m uv
 
-.PHONY: setup run test test-slow browser bench
+.PHONY: setup run test test-slow test-production browser postgres bench
 
 setup: .venv/.synced
 
@@ -18,10 +18,21 @@ run: setup
 # (pytest-randomly prints the seed; `pytest --randomly-seed=N` replays an order).
 test: setup
 	.venv/bin/lint-imports --no-cache
-	.venv/bin/python -m pytest -m "not slow"
+	.venv/bin/python -m pytest -m "not slow and not production"
 
 test-slow: setup browser
 	.venv/bin/python -m pytest -m slow
+
+# The production topology (`recflow stack up --backend postgres`) on PostgreSQL: a worker,
+# server faults, a 17-run load (tests/production/, README "Production").
+test-production: setup postgres
+	.venv/bin/python -m pytest -m production
+
+# Debian's PostgreSQL server, for the postgres stack (it runs from /usr/lib/postgresql/*/bin).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
 # Debian's headless Chromium and its driver, for the browser tests.
 browser:

@@ -178,16 +178,22 @@ def stack(
     host: Annotated[str, typer.Option(help="address the servers bind to")] = "127.0.0.1",
     prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port")] = 5000,
+    backend: Annotated[str, typer.Option(help="sqlite: two servers on sqlite; postgres: PostgreSQL, both servers "
+                                         "on it, the work pool and deployments of infra/prefect.yaml and a worker")
+                       ] = "sqlite",
+    postgres_port: Annotated[int, typer.Option(help="PostgreSQL port (postgres backend)")] = 5432,
 ) -> None:
-    """Start, stop or check a local Prefect server and MLflow tracking server."""
+    """Start, stop or check a local stack: Prefect and MLflow servers (sqlite), or the
+    production topology on PostgreSQL with a worker (`--backend postgres`). `up` starts
+    only what is not running, so it also brings back a server that died."""
     from flows import stack as local_stack
 
     if action not in ("up", "down", "status"):
         _fail(f"stack action {action!r}: use up, down or status")
     try:
         if action == "up":
-            urls = local_stack.up(directory.resolve(), host, prefect_port, mlflow_port)
-            typer.echo("stack is up; point recflow at it with:")
+            urls = local_stack.up(directory.resolve(), host, prefect_port, mlflow_port, backend, postgres_port)
+            typer.echo(f"stack is up (started: {urls['started']}); point recflow at it with:")
             typer.echo(f"  export PREFECT_API_URL={urls['prefect']} MLFLOW_TRACKING_URI={urls['mlflow']}")
         elif action == "down":
             typer.echo(local_stack.down(directory.resolve()))

@@ -28,7 +28,7 @@ from tasks.ranking import train_ranking_task
 from tasks.retrieval import train_retrieval_task
 from tasks.score import prepare_scoring_task, publish_task, score_shard_task
 from tasks.select import select_task
-from tasks.tracking import check_tracking, end_run, log_outcome, run_link, start_run
+from tasks.tracking import check_tracking, end_run, log_outcome, lost_server, run_link, start_run
 from tasks.validate import validate_task
 from tasks.workspace import RecflowError, clean_temp, locked
 
@@ -58,8 +58,11 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
                       "publish": published, "catalogue": catalogue}
             seconds = time.perf_counter() - started
             log_outcome(run.workspace, run_id, stages, seconds, artifacts={"validation": snapshot.validation})
-        except BaseException:
+        except BaseException as error:
             end_run(run.workspace, run_id, failed=True)
+            lost = lost_server(run.workspace, error)
+            if lost:
+                raise lost from None
             raise
         end_run(run.workspace, run_id)
         cleanup = cleanup_task(run=run, keep=decision.models)

@@ -1,19 +1,30 @@
 """The servers the flows talk to outside embedded mode, and the deployments served to them.
 
-`up` starts a real Prefect server and a real MLflow tracking server (sqlite backends, local
-artifact root) on one host, as background processes whose state and logs live in one
-directory; `down` stops them; `status` checks them. `TemporaryPrefect` is the server of one
-command in ephemeral mode. `serve_deployments` registers the
-nightly flow (on a cron schedule) and the backfill flow with the Prefect server and runs
-whatever the schedule or the UI asks for in this process.
+`up` starts a stack of background processes whose state and logs live in one directory:
+
+- `sqlite` (the default): a Prefect server and an MLflow tracking server, both on sqlite;
+  `recflow serve` then serves the deployments from its own process.
+- `postgres`: the production topology of infra/docker-compose.yml without Docker: Debian's
+  PostgreSQL on a loopback port (data under the directory), Prefect and MLflow servers on
+  it (MLflow proxies the artifacts), the `recflow` process work pool (one flow run at a
+  time) with the deployments of infra/prefect.yaml, and a worker.
+
+`up` starts only what is not running already, so after a server died it brings that one
+back; `down` stops everything (the data stays); `status` checks each process.
+`TemporaryPrefect` is the server of one command in ephemeral mode. `serve_deployments`
+registers the nightly flow (on a cron schedule) and the backfill flow with the Prefect
+server and runs whatever the schedule or the UI asks for in this process.
 """
 
 from __future__ import annotations
 
 import atexit
+import glob
 import json
 import logging
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,83 +36,241 @@ from pathlib import Path
 from schemas.config import PipelineConfig
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]  # the checkout the worker runs the flows from
 STATE = "stack.json"
+BACKENDS = ("sqlite", "postgres")
+POOL = "recflow"
+# How long the worker's runs retry a tracking server that does not answer (urllib3 backoff
+# 2, 4, 8, 16 s) before they fail with one line; MLflow's own default waits ~4 minutes.
+MLFLOW_RETRIES = "4"
+
+log = logging.getLogger(__name__)
 
 
 class StackError(Exception):
     """A server that would not start, or a stack that is not there."""
 
 
-def up(directory: Path, host: str, prefect_port: int, mlflow_port: int, timeout: float = 180) -> dict[str, str]:
-    """Start both servers (unless already up) and wait until they answer; return their URLs."""
-    running = status(directory)
-    if running and all(server["healthy"] for server in running.values()):
-        return {name: server["url"] for name, server in running.items()}
+def up(directory: Path, host: str, prefect_port: int, mlflow_port: int, backend: str = "sqlite",
+       postgres_port: int = 5432, timeout: float = 240) -> dict[str, str]:
+    """Start the stack's processes that are not running (all of them the first time), wait
+    until each answers, and return the URLs to point recflow at."""
+    if backend not in BACKENDS:
+        raise StackError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
     directory.mkdir(parents=True, exist_ok=True)
+    state = _read_state(directory)
+    if state.get("backend", backend) != backend:
+        raise StackError(f"{directory} holds a {state['backend']} stack; `recflow stack down --dir {directory}` "
+                         "it first, or use another --dir")
     prefect_url, mlflow_url = f"http://{host}:{prefect_port}/api", f"http://{host}:{mlflow_port}"
-    servers = {
-        "prefect": _start(
-            [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
-            directory / "prefect.log",
-            {"PREFECT_HOME": str(directory / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-             # the UI asks the API at this address, whatever --port says
-             "PREFECT_UI_API_URL": prefect_url, "PREFECT_SERVER_API_HOST": host,
-             "PREFECT_SERVER_API_PORT": str(prefect_port)},
-        )
-        | {"url": prefect_url, "health": f"{prefect_url}/health"},
-        "mlflow": _start(
-            [str(BIN / "mlflow"), "server", "--host", host, "--port", str(mlflow_port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-             "--artifacts-destination", str(directory / "mlartifacts")],
-            directory / "mlflow.log",
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )
-        | {"url": mlflow_url, "health": f"{mlflow_url}/health"},
-    }
-    (directory / STATE).write_text(json.dumps(servers, indent=2))
+    specs = _specs(directory, backend, host, prefect_url, prefect_port, mlflow_url, mlflow_port, postgres_port)
+    servers = state.get("servers", {})
     deadline = time.monotonic() + timeout
-    for name, server in servers.items():
-        while not _healthy(server["health"]):
-            if not _alive(server["pid"]):
-                down(directory)
-                raise StackError(f"{name} server exited at start; see {directory / (name + '.log')}")
-            if time.monotonic() > deadline:
-                down(directory)
-                raise StackError(f"{name} server did not answer within {timeout:.0f}s; see {directory / (name + '.log')}")
-            time.sleep(1)
+    started = []
+    try:
+        _up(directory, backend, specs, servers, started, postgres_port, deadline, timeout)
+    except StackError:
+        if not state:  # nothing was running before: leave nothing half-started
+            down(directory)
+        raise
     (directory / "env").write_text(f"export PREFECT_API_URL={prefect_url}\nexport MLFLOW_TRACKING_URI={mlflow_url}\n")
-    return {"prefect": prefect_url, "mlflow": mlflow_url}
+    return {"prefect": prefect_url, "mlflow": mlflow_url, "started": ",".join(started) or "nothing"}
+
+
+def _up(directory: Path, backend: str, specs: dict, servers: dict, started: list, postgres_port: int,
+        deadline: float, timeout: float) -> None:
+    for name, spec in specs.items():
+        running = servers.get(name)
+        if running is None or not _alive(running["pid"]):
+            if name == "postgres":
+                _init_postgres(directory, spec)
+            if name == "worker":
+                _deploy(directory, spec["env"]["PREFECT_API_URL"])
+            log.info("starting %s", name)
+            servers[name] = _start(spec["command"], directory / f"{name}.log", spec["env"], spec.get("user")) | {
+                key: spec[key] for key in ("url", "health", "stop") if key in spec}
+            started.append(name)
+            _write_state(directory, backend, servers)
+        _wait(directory, name, servers[name], deadline, timeout)
+        if name == "postgres":
+            _create_databases(postgres_port)
 
 
 def down(directory: Path) -> str:
-    """Stop both servers (their whole process groups); their data stays in `directory`."""
-    state = directory / STATE
-    if not state.exists():
+    """Stop every process of the stack (their whole process groups), the last started
+    first; their data stays in `directory`."""
+    state = _read_state(directory)
+    if not state:
         return f"no stack in {directory}"
-    for server in json.loads(state.read_text()).values():
+    for name, server in reversed(state["servers"].items()):
         if _alive(server["pid"]):
-            os.killpg(server["pid"], signal.SIGTERM)
-    for server in json.loads(state.read_text()).values():
-        for _ in range(30):
+            os.killpg(server["pid"], getattr(signal, server.get("stop", "SIGTERM")))
+        for _ in range(60):
             if not _alive(server["pid"]):
                 break
             time.sleep(0.5)
         else:
             os.killpg(server["pid"], signal.SIGKILL)
-    state.unlink()
+    (directory / STATE).unlink()
     return f"stack in {directory} stopped"
 
 
 def status(directory: Path) -> dict[str, dict]:
-    """Each server's URL, pid, and whether it is alive and answering."""
-    state = directory / STATE
-    if not state.exists():
-        return {}
-    servers = json.loads(state.read_text())
+    """Each process's URL (if it serves one), pid, and whether it is alive and answering."""
+    servers = _read_state(directory).get("servers", {})
     return {
-        name: {"url": s["url"], "pid": s["pid"], "alive": _alive(s["pid"]), "healthy": _healthy(s["health"])}
+        name: {"url": s.get("url"), "pid": s["pid"], "alive": _alive(s["pid"]),
+               "healthy": _alive(s["pid"]) and _healthy(s.get("health"))}
         for name, s in servers.items()
     }
+
+
+def _specs(directory: Path, backend: str, host: str, prefect_url: str, prefect_port: int, mlflow_url: str,
+           mlflow_port: int, postgres_port: int) -> dict[str, dict]:
+    """What each process of the stack runs, in start order."""
+    specs = {}
+    prefect_env = {"PREFECT_HOME": str(directory / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   # the UI asks the API at this address, whatever --port says
+                   "PREFECT_UI_API_URL": prefect_url, "PREFECT_SERVER_API_HOST": host,
+                   "PREFECT_SERVER_API_PORT": str(prefect_port)}
+    mlflow_store = f"sqlite:///{directory / 'mlflow.db'}"
+    if backend == "postgres":
+        binaries = _postgres_binaries()
+        specs["postgres"] = {
+            "command": [str(binaries / "postgres"), "-D", str(directory / "postgres"), "-p", str(postgres_port),
+                        "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={directory / 'postgres'}"],
+            "env": {}, "user": _postgres_user(), "stop": "SIGINT",  # SIGINT: fast shutdown, clients disconnected
+            "health": [str(binaries / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(postgres_port)],
+            "initdb": str(binaries / "initdb"),
+        }
+        database = f"recflow:{_password()}@127.0.0.1:{postgres_port}"
+        prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://{database}/prefect"
+        mlflow_store = f"postgresql+psycopg2://{database}/mlflow"
+    specs["prefect"] = {
+        "command": [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
+        "env": prefect_env, "url": prefect_url, "health": f"{prefect_url}/health",
+    }
+    specs["mlflow"] = {
+        "command": [str(BIN / "mlflow"), "server", "--host", host, "--port", str(mlflow_port), "--workers", "1",
+                    "--backend-store-uri", mlflow_store, "--artifacts-destination", str(directory / "mlartifacts")],
+        "env": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, "url": mlflow_url, "health": f"{mlflow_url}/health",
+    }
+    if backend == "postgres":
+        specs["worker"] = {
+            "command": [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+            "env": {"PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url, "RECFLOW_HOME": str(ROOT),
+                    "PREFECT_HOME": str(directory / "worker"), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": MLFLOW_RETRIES,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            "health": None,
+        }
+    return specs
+
+
+def _postgres_binaries() -> Path:
+    """The newest PostgreSQL server's bin directory (Debian's layout, or `postgres` on PATH)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(Path(p).parts[-3]))
+    server = found[-1] if found else shutil.which("postgres")
+    if not server:
+        raise StackError("PostgreSQL is not installed; `make postgres` installs Debian's package")
+    return Path(server).parent
+
+
+def _postgres_user() -> str | None:
+    """PostgreSQL refuses to run as root: as root it runs as the `postgres` system user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        raise StackError("running as root, PostgreSQL needs the `postgres` system user (`make postgres` installs "
+                         "Debian's package, which creates it)") from None
+
+
+def _password() -> str:
+    return os.environ.get("RECFLOW_DB_PASSWORD", "recflow")
+
+
+def _init_postgres(directory: Path, spec: dict) -> None:
+    """A new database cluster under `directory` (once): user `recflow`, password login from
+    loopback."""
+    data = directory / "postgres"
+    if (data / "PG_VERSION").exists():
+        return
+    data.mkdir(mode=0o700, exist_ok=True)
+    password = directory / ".pgpass-init"
+    password.write_text(_password() + "\n")
+    user = spec.get("user")
+    if user:
+        for path in (data, password):
+            shutil.chown(path, user, user)
+    try:
+        done = subprocess.run(
+            [spec["initdb"], "-D", str(data), "-U", "recflow", "-E", "UTF8", "--auth-local=trust",
+             "--auth-host=scram-sha-256", f"--pwfile={password}"],
+            capture_output=True, text=True, user=user, stdin=subprocess.DEVNULL, cwd="/",
+        )
+    finally:
+        password.unlink()
+    if done.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        hint = f" (as root it runs as `{user}`, who must be able to reach {directory})" if user else ""
+        raise StackError(f"initdb failed{hint}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+
+
+def _create_databases(port: int) -> None:
+    """Prefect's and MLflow's databases, when missing."""
+    import psycopg2
+
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user="recflow", password=_password(),
+                                  dbname="postgres")
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            for name in ("prefect", "mlflow"):
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cursor.fetchone() is None:
+                    cursor.execute(f"CREATE DATABASE {name}")
+    finally:
+        connection.close()
+
+
+def _deploy(directory: Path, prefect_url: str) -> None:
+    """The `recflow` process work pool (one flow run at a time: runs share the workspace)
+    and the deployments of infra/prefect.yaml, whose runs write to directory/workspace."""
+    prefect_yaml = ROOT / "infra" / "prefect.yaml"
+    if not prefect_yaml.exists():
+        raise StackError(f"{prefect_yaml} not found; the postgres stack runs from a source checkout")
+    env = os.environ | {"PREFECT_API_URL": prefect_url, "RECFLOW_HOME": str(ROOT),
+                        "RECFLOW_WORKSPACE": str(directory / "workspace"), "PREFECT_HOME": str(directory / "worker")}
+    for command in (["work-pool", "create", POOL, "--type", "process", "--overwrite"],
+                    ["work-pool", "set-concurrency-limit", POOL, "1"],
+                    ["deploy", "--prefect-file", str(prefect_yaml), "--all"]):
+        done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *command], env=env, cwd=ROOT,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        (directory / "deploy.log").open("a").write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise StackError(f"`prefect {' '.join(command[:2])}` failed; see {directory / 'deploy.log'}")
+
+
+def _wait(directory: Path, name: str, server: dict, deadline: float, timeout: float) -> None:
+    while not _healthy(server.get("health")):
+        if not _alive(server["pid"]):
+            raise StackError(f"{name} exited at start; see {directory / (name + '.log')}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{name} did not answer within {timeout:.0f}s; see {directory / (name + '.log')}")
+        time.sleep(1)
+
+
+def _read_state(directory: Path) -> dict:
+    state = directory / STATE
+    found = json.loads(state.read_text()) if state.exists() else {}
+    if found and "servers" not in found:  # written by an earlier recflow: {name: server}, sqlite
+        found = {"backend": "sqlite", "servers": found}
+    return found
+
+
+def _write_state(directory: Path, backend: str, servers: dict) -> None:
+    (directory / STATE).write_text(json.dumps({"backend": backend, "servers": servers}, indent=2))
 
 
 def serve_deployments(config: PipelineConfig, name: str, cron: str, timezone: str) -> None:
@@ -188,11 +357,11 @@ class TemporaryPrefect:
         self.process = None
 
 
-def _start(command: list[str], log: Path, env: dict[str, str]) -> dict:
+def _start(command: list[str], log: Path, env: dict[str, str], user: str | None = None) -> dict:
     handle = open(log, "ab")
     process = subprocess.Popen(
         command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ | env,
-        start_new_session=True,
+        start_new_session=True, user=user, cwd="/" if user else None,
     )
     handle.close()
     return {"pid": process.pid, "command": command}
@@ -209,9 +378,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _healthy(url: str) -> bool:
+def _healthy(check: str | list[str] | None) -> bool:
+    """A health URL answers 200, a health command exits 0; a process without one is
+    healthy while alive."""
+    if check is None:
+        return True
+    if isinstance(check, list):
+        return subprocess.run(check, capture_output=True).returncode == 0
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(check, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

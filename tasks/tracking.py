@@ -119,7 +119,28 @@ def log_outcome(workspace: Path, run_id: str, stages: dict[str, StageRecord], se
 
 
 def end_run(workspace: Path, run_id: str, failed: bool = False) -> None:
-    client(workspace).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    """Close tonight's run. Marking a failed run never hides why it failed: when the
+    tracking server cannot be told, that is logged and the run's own error goes on."""
+    try:
+        client(workspace).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    except Exception as error:
+        if not failed:
+            raise
+        log.warning("could not mark MLflow run %s failed: %s", run_id, str(error).splitlines()[0][:300])
+
+
+def lost_server(workspace: Path, error: BaseException) -> RecflowError | None:
+    """The one-line error for a run whose tracking server stopped answering after it
+    started (`error` is what the MLflow client raised), or None for any other error."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    lost = isinstance(error, requests.ConnectionError) or (
+        isinstance(error, MlflowException) and ("Max retries exceeded" in str(error) or "Connection" in str(error)))
+    if not lost:
+        return None
+    return RecflowError(f"MLflow tracking server {tracking_uri(workspace)} stopped answering during the run; "
+                        "start it again (`recflow stack up`) and rerun the date")
 
 
 def run_link(workspace: Path, run_id: str) -> str:
@@ -225,7 +246,9 @@ def champion(workspace: Path):
     mlflow = client(workspace)
     try:
         version = mlflow.get_model_version_by_alias(RETRIEVAL_MODEL, CHAMPION)
-    except MlflowException:
+    except MlflowException as error:
+        if lost_server(workspace, error):  # a server that does not answer is not "no champion"
+            raise
         return None
     models = ModelDir.of(workspace, version.tags.get(MODEL_KEY, version.run_id))
     if not models.is_complete():

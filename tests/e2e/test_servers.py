@@ -191,23 +191,3 @@ def test_mlflow_ui_shows_the_runs_metrics(served_run, browser):
     heading = browser.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), 'Metrics (')]")
     browser.execute_script("arguments[0].scrollIntoView();", heading)
     browser.save_screenshot(str(SCREENSHOTS / "mlflow-run.png"))
-
-
-def test_infra_prefect_yaml_deploys_both_flows_to_a_process_work_pool(stack, served_run):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    env = os.environ | {"PREFECT_API_URL": f"{stack['prefect']}/api", "RECFLOW_HOME": str(ROOT)}
-    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
-    for command in (["work-pool", "create", "recflow", "--type", "process"],
-                    ["deploy", "--prefect-file", "infra/prefect.yaml", "--all"]):
-        done = subprocess.run([prefect, "--no-prompt", *command], env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-    with temporary_settings({PREFECT_API_URL: f"{stack['prefect']}/api"}):
-        with get_client(sync_client=True) as client:
-            nightly = client.read_deployment_by_name("recflow-nightly/nightly")
-            backfill = client.read_deployment_by_name("recflow-backfill/nightly-backfill")
-    assert nightly.work_pool_name == "recflow" and backfill.work_pool_name == "recflow"
-    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
-    assert nightly.parameters["config"]["workspace"] == "/var/lib/recflow/workspace"
