@@ -91,7 +91,7 @@ def backfill(
     from flows.nightly import backfill as backfill_flow
 
     summaries = _user_errors_in_one_line(server, backfill_flow, first, last, pipeline_config)
-    typer.echo(json.dumps([{k: s[k] for k in ("run_date", "mlflow_run_id", "output", "rows")} for s in summaries],
+    typer.echo(json.dumps([{k: s[k] for k in ("run_date", "nightly_run_id", "output", "rows")} for s in summaries],
                           indent=2))
 
 
@@ -127,12 +127,21 @@ def runs(
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "recflow",
 ) -> None:
     """Print the last runs side by side: dates, decisions, metrics and timings from MLflow."""
-    from tasks.tracking import recent_runs
+    import polars as pl
+
+    from tasks.tracking import recent_runs, runs_link
 
     table = recent_runs(_workspace(workspace), experiment, last)
     if table is None:
         _fail(f"no MLflow experiment {experiment!r} yet; run `recflow run` first")
-    _print_table(table)
+    decisions = table.filter(pl.col("") == "champion decision")
+    _print_table(table.filter(pl.col("") != "champion decision"))
+    for label in table.columns[1:]:
+        typer.echo(f"{label}: {decisions[label][0] or '-'}")
+    if len(table.columns) > 1:
+        link = runs_link(_workspace(workspace), table.filter(pl.col("") == "run id")[table.columns[1]][0])
+        if link.startswith("http"):
+            typer.echo(f"in MLflow: {link}")
 
 
 @app.command()
@@ -308,7 +317,7 @@ def _workspace(workspace: Path | None) -> Path:
 def _print_table(table) -> None:
     import polars as pl
 
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200, tbl_hide_dataframe_shape=True,
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=160, tbl_width_chars=400, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         typer.echo(str(table))
 

@@ -28,7 +28,7 @@ from tasks.ranking import train_ranking_task
 from tasks.retrieval import train_retrieval_task
 from tasks.score import prepare_scoring_task, publish_task, score_shard_task
 from tasks.select import select_task
-from tasks.tracking import check_tracking, end_run, log_outcome, lost_server, run_link, start_run
+from tasks.tracking import check_tracking, end_run, log_outcome, lost_server, run_link, runs_link, start_run
 from tasks.validate import validate_task
 from tasks.workspace import RecflowError, clean_temp, locked
 
@@ -36,7 +36,7 @@ from tasks.workspace import RecflowError, clean_temp, locked
 @flow(name="recflow-nightly")
 def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
     """Ingest, validate, featurise, train, evaluate, score and publish one run date."""
-    run = Run.of(config)
+    run = Run.of(_over_deployment_defaults(config))
     check_tracking(run.workspace)
     with locked(run.workspace):  # one run per workspace at a time
         clean_temp(run.workspace)
@@ -82,10 +82,26 @@ def backfill(start: dt.date, end: dt.date, config: PipelineConfig = PipelineConf
     """
     if end < start:
         raise RecflowError(f"backfill end {end} is before its start {start}")
+    config = _over_deployment_defaults(config)
     dates = [start + dt.timedelta(days=offset) for offset in range((end - start).days + 1)]
     get_run_logger().info("backfill of %d date(s): %s .. %s", len(dates), start, end)
     return [nightly.with_options(flow_run_name=f"nightly-{day}")(config.model_copy(update={"run_date": day}))
             for day in dates]
+
+
+def _over_deployment_defaults(config: PipelineConfig) -> PipelineConfig:
+    """Prefect replaces a deployment's `config` parameter whole: a run asked for with
+    `--param config='{"top_k": 7}'` would lose the deployment's workspace and source. The
+    fields a run gives are laid over the deployment's config instead (a run outside a
+    deployment, or a subflow, keeps its config as it is)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return config
+    with get_client(sync_client=True) as client:
+        defaults = client.read_deployment(deployment.id).parameters.get("config") or {}
+    return config.over(defaults)
 
 
 def _score(run: Run, features: FeatureSet, decision: ChampionDecision) -> tuple[ScoringJob, list[ScoredShard]]:
@@ -102,8 +118,9 @@ def _summary(run: Run, run_id: str, stages: dict[str, StageRecord], seconds: flo
     decision, published = stages["evaluate"], stages["publish"]
     return {
         "run_date": run.run_date.isoformat(),
-        "mlflow_run_id": run_id,
+        "nightly_run_id": run_id,
         "mlflow_run": run_link(run.workspace, run_id),
+        "mlflow_runs": runs_link(run.workspace, run_id),
         "model_key": stages["train_ranking"].key,
         "champion": decision.reason,
         "promoted": decision.promoted,
@@ -138,6 +155,8 @@ def _artifacts(summary: dict, decision: ChampionDecision) -> None:
     if summary["mlflow_run"].startswith("http"):
         create_link_artifact(summary["mlflow_run"], link_text="MLflow run", key="mlflow-run",
                              description="this run in MLflow")
+        create_link_artifact(summary["mlflow_runs"], link_text="MLflow runs", key="mlflow-runs",
+                             description="every night side by side: date, NDCG@10, recall@10, coverage, decision")
     create_table_artifact(
         [{"key": k, "value": str(v)} for k, v in summary.items()], key="nightly-summary", description="recflow run"
     )

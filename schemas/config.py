@@ -207,15 +207,16 @@ class PipelineConfig(_Section):
 
     source: str = Field(
         "synthetic",
-        description="'synthetic', a directory (generic layout or MovieLens), or 'movielens:<name>'",
+        description="'synthetic', a directory (generic layout or MovieLens), or 'movielens:NAME' (a GroupLens "
+        "archive, e.g. movielens:ml-latest-small)",
     )
     run_date: dt.date | None = Field(None, description="logical date of the run; default today (UTC)")
     workspace: str = Field("workspace", description="directory holding everything a run writes")
     top_k: int = Field(20, ge=1, le=1000)
     shards: int = Field(
         1, ge=1, le=1024,
-        description="scoring shards (ranges of users), run in parallel on the flow's task runner: threads, or "
-        "Dask workers with `recflow run --task-runner dask`; any count gives the same table",
+        description="scoring shards (ranges of users), run in parallel on the flow's task runner (threads; "
+        "Dask workers when the run uses a Dask task runner); any count gives the same table",
     )
     similar_items: int = Field(10, ge=1, le=1000, description="neighbours per item in similar_items/")
     popularity_half_life_days: float = Field(
@@ -242,8 +243,19 @@ class PipelineConfig(_Section):
     def resolved_run_date(self) -> dt.date:
         return self.run_date or dt.datetime.now(dt.timezone.utc).date()
 
+    def over(self, defaults: dict) -> "PipelineConfig":
+        """This config's explicitly given fields (at any depth) over `defaults` (a config as
+        a dict, e.g. a deployment's parameters): a run asked for with only `top_k` keeps the
+        deployment's workspace, source and every other setting."""
+        return PipelineConfig.model_validate(_merged(defaults, self.model_dump(mode="json", exclude_unset=True)))
+
     def workspace_path(self) -> Path:
         return Path(self.workspace).expanduser().resolve()
+
+
+def _merged(base: dict, top: dict) -> dict:
+    return base | {key: _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                   else value for key, value in top.items()}
 
 
 class Run(BaseModel):

@@ -67,6 +67,8 @@ def evaluate(run: Run, features: FeatureSet, models: ModelSet, run_id: str) -> C
                 f"NDCG@{CUTOFF} {new_ndcg:.4f} {'beats' if promote else 'does not beat'} "
                 f"champion v{champion[0].version} ({held['ndcg']:.4f})"
             )
+    if champion is None or champion[1].path != models.path:  # tonight registered a version: say why it won or lost
+        tracking.tag_version(run.workspace, version, {"champion_decision": reason, "promoted": str(promote).lower()})
     if promote:
         tracking.promote(run.workspace, version)
         scoring = (run_id, version, models.path)

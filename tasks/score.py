@@ -85,7 +85,8 @@ def score_shard(run: Run, job: ScoringJob, shard: int) -> ScoredShard:
 
 def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -> PublishedTable:
     """Move the scored partition into place atomically, with a manifest beside the parts
-    (tonight's MLflow run, the model version that scored) and its stage record."""
+    (the model version that scored and its training run, `mlflow_run_id` as in the table;
+    tonight's MLflow run as `nightly_run_id`) and its stage record."""
     target = run.partition("recommendations")
     if job.reused:
         return reuse(target, job.key, PublishedTable)
@@ -93,8 +94,8 @@ def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -
     (job.path / SHARED).unlink(missing_ok=True)
     table = pl.read_parquet(job.path / "*.parquet")
     published = PublishedTable(key=job.key, path=target, rows=table.height, users=table["user_id"].n_unique())
-    manifest = {"run_date": run.run_date.isoformat(), "mlflow_run_id": run_id,
-                "model_version": job.decision.model_version}
+    manifest = {"run_date": run.run_date.isoformat(), "model_version": job.decision.model_version,
+                "mlflow_run_id": job.decision.mlflow_run_id, "nightly_run_id": run_id}
     write_json(manifest | published.model_dump(mode="json", include={"path", "rows", "users"}),
                job.path / "_manifest.json")
     stamp(job.path, published)

@@ -10,6 +10,7 @@ cheap.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -30,6 +31,15 @@ RANKING_MODEL = "recflow-ranking"
 CHAMPION = "champion"
 MODEL_KEY = "model_key"  # the tag that names a registered version's models directory
 METRIC_PREFIX = {"retrieval+ranking": "", "retrieval": "retrieval_", "popularity": "popularity_"}  # per model
+# The experiment's runs table as its links open it (MLflow's shared view state, an experiment
+# tag): newest first, with the night's date, key metrics and champion decision as columns.
+VIEW_KEY = "recflow"
+VIEW_STATE = {
+    "orderByKey": "attributes.start_time", "orderByAsc": False,
+    "selectedColumns": ["tags.`run_date`", "metrics.`ndcg_at_10`", "metrics.`recall_at_10`",
+                        "metrics.`coverage_at_10`", "tags.`promoted`", "tags.`champion_decision`"],
+}
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3 opens its GenAI pages without it
 
 
 def tracking_uri(workspace: Path) -> str:
@@ -78,6 +88,8 @@ def start_run(run: Run, snapshot: Snapshot) -> str:
         experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
     else:
         experiment_id = found.experiment_id
+    if found is None or found.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != json.dumps(VIEW_STATE):
+        mlflow.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(VIEW_STATE))
     tags = {"run_date": run.run_date.isoformat(), "source": run.config.source, "data_hash": snapshot.data_hash,
             "code_version": code_version()}
     created = mlflow.create_run(experiment_id, run_name=f"nightly-{run.run_date.isoformat()}", tags=tags)
@@ -149,7 +161,17 @@ def run_link(workspace: Path, run_id: str) -> str:
     if not uri.startswith("http"):
         return uri
     experiment_id = client(workspace).get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+
+def runs_link(workspace: Path, run_id: str) -> str:
+    """The experiment's runs table in the MLflow UI, with recflow's columns (VIEW_STATE), or
+    the local tracking URI."""
+    uri = tracking_uri(workspace)
+    if not uri.startswith("http"):
+        return uri
+    experiment_id = client(workspace).get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{ML_VIEW}&viewStateShareKey={VIEW_KEY}"
 
 
 def log_evaluation(workspace: Path, run_id: str, metrics: dict[str, float], table: list[dict],
@@ -175,22 +197,41 @@ def log_evaluation(workspace: Path, run_id: str, metrics: dict[str, float], tabl
 
 
 def _plots(curves: dict[str, dict[str, float]], models: ModelSet) -> dict:
+    """recall_at_k.png: each model's recall@K, defined in its title; training.png: each
+    model's per-epoch curves, losses on the left axis and recalls on their own right axis,
+    with the epochs kept marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    recall, axes = plt.subplots(figsize=(6, 4))
+    recall, axes = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():
         axes.plot([int(k) for k in curve], list(curve.values()), marker="o", label=name)
-    axes.set(xscale="log", xlabel="K", ylabel="recall@K", title="Recall@K on the held-out split")
-    axes.legend()
-    training, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (name, trained) in zip(axes, (("retrieval", models.retrieval), ("ranking", models.ranking))):
-        for series, values in trained.history.items():
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=series)
-        ax.set(xlabel="epoch", title=f"{name} training")
-        ax.legend()
+    cutoffs = sorted({int(k) for curve in curves.values() for k in curve})
+    axes.set(xscale="log", xlabel="K", ylabel="recall@K", xticks=cutoffs, xticklabels=[str(k) for k in cutoffs],
+             title="Recall@K on the held-out split\n(held-out items in the top K / min(K, the user's held-out items))")
+    if curves:
+        axes.legend()
+    training, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    kept = {"retrieval": (models.retrieval, "kept: epoch {} (best validation recall)"),
+            "ranking": (models.ranking, "final ranker: {} epoch(s)")}
+    for ax, (name, (trained, label)) in zip(axes, kept.items()):
+        losses = {series: values for series, values in trained.history.items() if "recall" not in series}
+        recalls = {series: values for series, values in trained.history.items() if "recall" in series}
+        lines = [ax.plot(range(1, len(v) + 1), v, marker="o", label=s)[0] for s, v in losses.items()]
+        ax.set(xlabel="epoch", ylabel="loss", title=f"{name} training")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if recalls:
+            right = ax.twinx()
+            lines += [right.plot(range(1, len(v) + 1), v, marker="s", linestyle="--", color=f"C{i + len(losses)}",
+                                 label=s)[0] for i, (s, v) in enumerate(recalls.items())]
+            right.set_ylabel("recall")
+        if trained.epochs:
+            lines.append(ax.axvline(trained.epochs, color="grey", linestyle=":", label=label.format(trained.epochs)))
+        if lines:
+            ax.legend(handles=lines, loc="best", fontsize="small")
     figures = {"recall_at_k": recall, "training": training}
     for figure in figures.values():
         figure.tight_layout()
@@ -233,6 +274,14 @@ def promote(workspace: Path, version: str) -> None:
     mlflow = client(workspace)
     for name in (RANKING_MODEL, RETRIEVAL_MODEL):
         mlflow.set_registered_model_alias(name, CHAMPION, version)
+
+
+def tag_version(workspace: Path, version: str, tags: dict[str, str]) -> None:
+    """Tag `version` of both models (e.g. with the champion decision it met)."""
+    mlflow = client(workspace)
+    for name in (RETRIEVAL_MODEL, RANKING_MODEL):
+        for key, value in tags.items():
+            mlflow.set_model_version_tag(name, version, key, value)
 
 
 def champion(workspace: Path):
@@ -288,6 +337,7 @@ def recent_runs(workspace: Path, experiment: str, last: int) -> pl.DataFrame | N
             )
         },
         "run id": lambda r: r["run_id"],
+        "champion decision": lambda r: r["tags"].get("champion_decision", ""),
     }
     columns = {"": list(fields)}
     for found_run in runs:

@@ -194,7 +194,8 @@ def published_list(workspace: Path, user_id: str, run_date: dt.date | None = Non
     root = workspace / "recommendations"
     dates = sorted(path.name.removeprefix("run_date=") for path in root.glob("run_date=*"))
     if not dates:
-        raise RecflowError(f"no recommendations under {root}; run `recflow run` first")
+        raise RecflowError(f"no recommendations under {root}; run `recflow run` first, or give the workspace that "
+                           "holds them with --workspace")
     day = run_date.isoformat() if run_date else dates[-1]
     if day not in dates:
         raise RecflowError(f"no recommendations for run date {day} under {root} (latest: {dates[-1]})")

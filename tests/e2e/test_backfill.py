@@ -37,7 +37,7 @@ def test_a_backfill_of_three_dates_writes_three_partitions_each_blind_to_later_e
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     runs = MlflowClient(tracking_uri=uri).search_runs(["1"], order_by=["attributes.start_time ASC"])
     assert [r.data.tags["run_date"] for r in runs] == [d.isoformat() for d in dates]
-    assert [r.info.run_id for r in runs] == [s["mlflow_run_id"] for s in summaries]
+    assert [r.info.run_id for r in runs] == [s["nightly_run_id"] for s in summaries]
     seen = []
     for day in dates:
         end_of_day = int(dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -78,7 +79,7 @@ def test_output_table_follows_the_contract(nightly_run):
 def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     workspace, summary = nightly_run
     client = mlflow_client(workspace)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary["nightly_run_id"])
     assert run.info.status == "FINISHED"
     for metric in ("ndcg_at_10", "recall_at_10", "map_at_10", "hitrate_at_10", "mrr_at_10", "coverage_at_10",
                    "diversity_at_10", "novelty_at_10", "popularity_bias_at_10", "popularity_novelty_at_10",
@@ -142,7 +143,7 @@ def test_fallback_lists_and_similar_items_are_published_with_every_run(nightly_r
     assert similar.schema == SIMILAR_ITEMS
     assert similar["item_id"].n_unique() == SMALL.n_items and (similar.group_by("item_id").len()["len"] == 10).all()
     assert similar.filter(pl.col("item_id") == pl.col("similar_item_id")).is_empty()
-    assert set(similar["mlflow_run_id"]) == {summary["mlflow_run_id"]}
+    assert set(similar["mlflow_run_id"]) == {summary["nightly_run_id"]}
 
 
 def test_retrieval_and_ranking_beat_popularity_on_planted_structure(nightly_run):
@@ -212,12 +213,19 @@ def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(copy_of_ru
     assert summary["promoted"] is False
     assert "does not beat champion v1" in summary["champion"]
     client = mlflow_client(workspace)
-    assert client.get_model_version_by_alias("recflow-retrieval", "champion").run_id == first["mlflow_run_id"]
-    assert client.get_model_version("recflow-retrieval", "2").run_id == summary["mlflow_run_id"]
-    assert client.get_run(summary["mlflow_run_id"]).data.tags["promoted"] == "false"
-    table = pl.read_parquet(workspace / "recommendations" / f"run_date={next_date}" / "*.parquet")
+    assert client.get_model_version_by_alias("recflow-retrieval", "champion").run_id == first["nightly_run_id"]
+    loser = client.get_model_version("recflow-retrieval", "2")
+    assert loser.run_id == summary["nightly_run_id"]
+    assert loser.tags["promoted"] == "false" and loser.tags["champion_decision"] == summary["champion"]
+    assert client.get_run(summary["nightly_run_id"]).data.tags["promoted"] == "false"
+    partition = workspace / "recommendations" / f"run_date={next_date}"
+    table = pl.read_parquet(partition / "*.parquet")
     assert set(table["model_version"]) == {"1"}
     assert table.group_by("user_id").len()["len"].unique().to_list() == [10]
+    # one meaning of mlflow_run_id: the scoring model's training run, in the table and the manifest
+    manifest = json.loads((partition / "_manifest.json").read_text())
+    assert set(table["mlflow_run_id"]) == {manifest["mlflow_run_id"]} == {first["nightly_run_id"]}
+    assert manifest["nightly_run_id"] == summary["nightly_run_id"] and manifest["model_version"] == "1"
 
 
 def test_rerunning_the_evaluation_of_models_that_lost_the_gate_registers_them_once(copy_of_run):
@@ -248,7 +256,7 @@ def test_a_rerun_with_unchanged_input_reuses_every_stage_and_keeps_the_output(co
     assert _checksums(partition) == before
     assert again["promoted"] is False and "champion v1 already" in again["champion"]
     client = mlflow_client(workspace)
-    run, first_run = client.get_run(again["mlflow_run_id"]), client.get_run(first["mlflow_run_id"])
+    run, first_run = client.get_run(again["nightly_run_id"]), client.get_run(first["nightly_run_id"])
     assert run.data.tags["reused_stages"] == "ingest,validate,features,train_retrieval,select,train_ranking,score,publish"
     assert set(first_run.data.metrics) <= set(run.data.metrics)  # the compare view lines the runs up
     assert run.data.metrics["ndcg_at_10"] == first_run.data.metrics["ndcg_at_10"]
@@ -280,7 +288,7 @@ def test_cli_prints_a_users_list_with_titles_and_the_last_runs_side_by_side(nigh
     assert missing.stderr.strip() == f"recflow: error: user 'no-such-user' has no list on {RUN_DATE}: not in that run's input"
     runs = cli("runs", "--last", "3", "--workspace", str(workspace))
     assert runs.returncode == 0, runs.stderr
-    assert f"{RUN_DATE} ({summary['mlflow_run_id'][:6]})" in runs.stdout  # the one run so far
+    assert f"{RUN_DATE} ({summary['nightly_run_id'][:6]})" in runs.stdout  # the one run so far
     assert "ndcg@10" in runs.stdout and "champion ndcg@10" in runs.stdout
 
 
@@ -341,7 +349,7 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     warm = nightly(config(run_date=RUN_DATE + dt.timedelta(days=3),
                           retrieval={"max_epochs": 2, "batch_size": 512, "warm_start": True}))
     uri = f"sqlite:///{copy / 'mlflow.db'}"
-    run = MlflowClient(tracking_uri=uri).get_run(warm["mlflow_run_id"])
+    run = MlflowClient(tracking_uri=uri).get_run(warm["nightly_run_id"])
     assert run.data.tags["warm_start_from"] == champion.name
 
 
@@ -352,7 +360,7 @@ def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_mo
     plain, diverse = (nightly(config(lists={"diversity": weight})) for weight in (0.0, 0.6))
     assert {"train_retrieval", "train_ranking"} <= set(diverse["reused_stages"])  # only the lists change
     client = mlflow_client(workspace)
-    before, after = (client.get_run(s["mlflow_run_id"]).data.metrics for s in (plain, diverse))
+    before, after = (client.get_run(s["nightly_run_id"]).data.metrics for s in (plain, diverse))
     assert after["diversity_at_10"] > before["diversity_at_10"]
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert (table.group_by("user_id").agg((pl.col("score").sort_by("rank").diff().drop_nulls() <= 0).all())["score"]).all()

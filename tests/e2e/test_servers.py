@@ -1,13 +1,14 @@
 """Production paths against real servers: `recflow stack up` starts a Prefect server and an
 MLflow tracking server on free loopback ports, `recflow serve` serves the deployments, a run
-is triggered through the Prefect API with non-default parameters, and both UIs are opened in
-headless Chromium."""
+is triggered with `prefect deployment run --param config=<a partial config>` (laid over the
+deployment's parameters), and both UIs are opened in headless Chromium."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -58,7 +59,6 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served_run(stack, tmp_path_factory):
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -84,8 +84,16 @@ def served_run(stack, tmp_path_factory):
                         assert serving.poll() is None, (workspace.parent / "serve.log").read_text()
                         assert time.monotonic() < deadline, "the deployment never appeared"
                         time.sleep(1)
-                parameters = deployment.parameters["config"] | {"run_date": RUN_DATE.isoformat(), "top_k": 7}
-                flow_run = run_deployment("recflow-nightly/nightly", parameters={"config": parameters}, timeout=900)
+                # a partial config, as `prefect deployment run` is usually given one: the fields it
+                # names are laid over the deployment's (workspace, source, small data stay)
+                partial = json.dumps({"run_date": RUN_DATE.isoformat(), "top_k": 7})
+                done = subprocess.run(
+                    [os.path.join(os.path.dirname(sys.executable), "prefect"), "deployment", "run",
+                     "recflow-nightly/nightly", "--param", f"config={partial}", "--watch", "--watch-timeout", "900"],
+                    env=env, capture_output=True, text=True, timeout=960, cwd=workspace.parent,
+                )
+                assert done.returncode == 0, done.stdout + done.stderr + (workspace.parent / "serve.log").read_text()
+                flow_run = client.read_flow_run(re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1))
                 artifacts = client.read_artifacts()
                 yield {
                     "deployment": deployment,
@@ -125,7 +133,7 @@ def test_a_run_triggered_through_the_api_completes_with_artifacts_mlflow_and_out
     flow_run = served_run["flow_run"]
     assert flow_run.state.is_completed(), flow_run.state
     keys = {a.key for a in served_run["artifacts"]}
-    assert {"validation", "metrics", "champion-decision", "mlflow-run", "nightly-summary"} <= keys
+    assert {"validation", "metrics", "champion-decision", "mlflow-run", "mlflow-runs", "nightly-summary"} <= keys
     client, run = _mlflow_run(served_run)
     assert run.data.params["top_k"] == "7" and run.data.params["run_date"] == RUN_DATE.isoformat()
     assert {"ndcg_at_10", "recall_at_10", "popularity_ndcg_at_10", "time_total_s"} <= set(run.data.metrics)
@@ -180,14 +188,27 @@ def test_prefect_ui_shows_the_runs_metrics_table(served_run, browser):
     browser.save_screenshot(str(SCREENSHOTS / "prefect-flow-run-metrics.png"))
 
 
-def test_mlflow_ui_shows_the_runs_metrics(served_run, browser):
+def _published_link(served_run, key: str) -> str:
+    """The URL of the run's Prefect link artifact `key` (what recflow publishes)."""
+    (artifact,) = [a for a in served_run["artifacts"] if a.key == key]
+    return re.search(r"https?://[^\s)\]\"]+", str(artifact.data)).group(0)
+
+
+def test_mlflow_links_open_the_runs_table_with_metric_columns_and_the_run(served_run, browser):
     from selenium.webdriver.common.by import By
 
     _, run = _mlflow_run(served_run)
-    browser.get(f"{served_run['urls']['mlflow']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    runs = _published_link(served_run, "mlflow-runs")
+    assert "workflowType=machine_learning" in runs
+    browser.get(runs)
+    _wait_for_text(browser, f"nightly-{RUN_DATE}")
+    headers = {h.text for h in browser.find_elements(By.XPATH, "//*[@role='columnheader']")}
+    assert {"ndcg_at_10", "recall_at_10", "coverage_at_10"} <= headers, headers
+    browser.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
+    browser.get(_published_link(served_run, "mlflow-run"))
     _wait_for_text(browser, "ndcg_at_10")
-    value = run.data.metrics["ndcg_at_10"]
-    _wait_for_text(browser, str(value)[:5])  # the UI prints the full value
+    _wait_for_text(browser, str(run.data.metrics["ndcg_at_10"])[:5])  # the UI prints the full value
+    assert "Evaluations" not in browser.find_element(By.TAG_NAME, "body").text  # the classic run page
     heading = browser.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), 'Metrics (')]")
     browser.execute_script("arguments[0].scrollIntoView();", heading)
     browser.save_screenshot(str(SCREENSHOTS / "mlflow-run.png"))
