@@ -66,9 +66,8 @@ def up(directory: Path, host: str, prefect_port: int, mlflow_port: int, backend:
     specs = _specs(directory, backend, host, prefect_url, prefect_port, mlflow_url, mlflow_port, postgres_port)
     servers = state.get("servers", {})
     deadline = time.monotonic() + timeout
-    started = []
     try:
-        _up(directory, backend, specs, servers, started, postgres_port, deadline, timeout)
+        started = _up(directory, backend, specs, servers, postgres_port, deadline, timeout)
     except StackError:
         if not state:  # nothing was running before: leave nothing half-started
             down(directory)
@@ -77,8 +76,11 @@ def up(directory: Path, host: str, prefect_port: int, mlflow_port: int, backend:
     return {"prefect": prefect_url, "mlflow": mlflow_url, "started": ",".join(started) or "nothing"}
 
 
-def _up(directory: Path, backend: str, specs: dict, servers: dict, started: list, postgres_port: int,
-        deadline: float, timeout: float) -> None:
+def _up(directory: Path, backend: str, specs: dict, servers: dict, postgres_port: int, deadline: float,
+        timeout: float) -> list[str]:
+    """Start each process of `specs` that `servers` (the state) does not hold alive, in
+    order, waiting for each to answer; the names of those it started."""
+    started = []
     for name, spec in specs.items():
         running = servers.get(name)
         if running is None or not _alive(running["pid"]):
@@ -94,6 +96,7 @@ def _up(directory: Path, backend: str, specs: dict, servers: dict, started: list
         _wait(directory, name, servers[name], deadline, timeout)
         if name == "postgres":
             _create_databases(postgres_port)
+    return started
 
 
 def down(directory: Path) -> str:
@@ -247,7 +250,8 @@ def _deploy(directory: Path, prefect_url: str) -> None:
                     ["deploy", "--prefect-file", str(prefect_yaml), "--all"]):
         done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *command], env=env, cwd=ROOT,
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        (directory / "deploy.log").open("a").write(done.stdout + done.stderr)
+        with open(directory / "deploy.log", "a") as log_file:
+            log_file.write(done.stdout + done.stderr)
         if done.returncode != 0:
             raise StackError(f"`prefect {' '.join(command[:2])}` failed; see {directory / 'deploy.log'}")
 
