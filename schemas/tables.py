@@ -159,6 +159,14 @@ class FeatureSet(StageRecord):
         return {f"data_{split}_events": size for split, size in self.split_sizes.items()}
 
 
+# The MLflow model each night's run logs (tasks/serving.py): run artifact `recommender/`, with
+# the models directory and the night's feature set under its artifacts/. Registered versions
+# point at it.
+RECOMMENDER = "recommender"
+RECOMMENDER_MODELS = f"{RECOMMENDER}/artifacts/models"
+RECOMMENDER_FEATURES = f"{RECOMMENDER}/artifacts/features"
+
+
 class ModelDir(BaseModel):
     """The layout of a models/<key>/ directory, and of the `models` artifact of the MLflow
     run that trained it: both SavedModels and the vocabularies they were trained with.

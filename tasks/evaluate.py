@@ -2,7 +2,8 @@
 
 Seventh stage of the nightly DAG. It scores popularity, retrieval alone and retrieval +
 ranking on each user's latest (`test`) events with the metric functions the benchmarks
-use (tasks/metrics.py), logs the results to tonight's MLflow run, registers both models,
+use (tasks/metrics.py), logs the results and tonight's models as an MLflow model (the
+recommender, tasks/serving.py) to tonight's MLflow run, registers it,
 and promotes them to `champion` only when they beat the current champion on NDCG@10 on
 the same held-out data.
 """
@@ -39,6 +40,7 @@ def evaluate(run: Run, features: FeatureSet, models: ModelSet, run_id: str) -> C
     """
     lists = run.config.lists
     results = heldout_metrics(models, features, lists=lists)
+    tracking.log_recommender(run.workspace, run_id, models, features.path, run.config)
     flat = {f"{tracking.METRIC_PREFIX[name]}{metric}_at_{CUTOFF}": value for name, values in results.items()
             if name != "curve" for metric, value in values.items()}
     champion = tracking.champion(run.workspace)

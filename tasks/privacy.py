@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from schemas.config import PrivacyConfig
-from schemas.tables import DATED_TABLES, STAGE_RECORD, ModelDir
+from schemas.tables import DATED_TABLES, RECOMMENDER_FEATURES, STAGE_RECORD, ModelDir
 from tasks.workspace import RecflowError, publish_dir, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: ModelDir) -> dict[str, int
 
     Snapshot, quarantine and recommendation partitions that hold them are rebuilt without
     their rows in .tmp/ and swapped in whole (with their row counts updated), and so are
-    the user vocabularies that earlier runs logged to the embedded MLflow store
-    (workspace/mlartifacts); feature partitions and model directories that hold them are
+    the user vocabularies and feature sets that earlier runs logged to the embedded MLflow
+    store (workspace/mlartifacts); feature partitions and model directories that hold them are
     removed (they are rebuilt from snapshots). `keep` (the models that scored tonight)
     stays. Runs once per deletion list. Returns counts of rewritten partitions or files
     and of removed directories.
@@ -181,6 +181,10 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: ModelDir) -> dict[str, int
         if _holds(logged, deleted):
             write_parquet(pl.read_parquet(logged).filter(~pl.col("user_id").is_in(deleted.implode())), logged)
             rewritten += 1
+    for logged in sorted(embedded_store.glob(f"**/{RECOMMENDER_FEATURES}/users.parquet")):
+        if _holds(logged, deleted):
+            _forget_in_features(logged.parent, deleted)
+            rewritten += 1
     holders = {path.parent: path for path in (workspace / "features").glob("run_date=*/users.parquet")}
     trained = [ModelDir(path=directory) for directory in sorted((workspace / "models").glob("*"))]
     holders |= {models.path: models.users for models in trained if models.users.exists()}
@@ -192,6 +196,18 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: ModelDir) -> dict[str, int
     log.info("privacy: removed opted-out users from %d earlier partition(s) and %d derived director(ies)",
              rewritten, removed)
     return {"rewritten": rewritten, "removed": removed}
+
+
+def _forget_in_features(directory: Path, user_ids: pl.Series) -> None:
+    """A logged recommender's feature set without the events of `user_ids`, whose rows in
+    its user vocabulary lose their id (the indices of the others stay as its models know
+    them). Events go first: a run killed in between leaves the ids, so the next one redoes it."""
+    users = pl.read_parquet(directory / "users.parquet")
+    gone = users.filter(pl.col("user_id").is_in(user_ids.implode()))["user_idx"].implode()
+    events = pl.read_parquet(directory / "events.parquet")
+    write_parquet(events.filter(~pl.col("user_idx").is_in(gone)), directory / "events.parquet")
+    unnamed = pl.when(pl.col("user_idx").is_in(gone)).then(None).otherwise("user_id").alias("user_id")
+    write_parquet(users.with_columns(unnamed), directory / "users.parquet")
 
 
 def _holds(path: Path, user_ids: pl.Series) -> bool:

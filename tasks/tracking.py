@@ -20,11 +20,12 @@ from pathlib import Path
 
 import polars as pl
 
-from schemas.config import Run
-from schemas.tables import ModelDir, ModelSet, Snapshot, StageRecord
+from schemas.config import PipelineConfig, Run
+from schemas.tables import RECOMMENDER, RECOMMENDER_MODELS, ModelDir, ModelSet, Snapshot, StageRecord
 from tasks.workspace import RecflowError, code_version, publish_dir, temp_dir
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the run's log
 
 RETRIEVAL_MODEL = "recflow-retrieval"
 RANKING_MODEL = "recflow-ranking"
@@ -40,6 +41,8 @@ VIEW_STATE = {
                         "metrics.`coverage_at_10`", "tags.`promoted`", "tags.`champion_decision`"],
 }
 ML_VIEW = "workflowType=machine_learning"  # MLflow 3 opens its GenAI pages without it
+DESCRIPTION = ("recflow's nightly recommender (retrieval + ranking): an MLflow pyfunc model; predict takes user_id "
+               "(and optionally history, item ids oldest first) and returns each user's top-k list")
 
 
 def tracking_uri(workspace: Path) -> str:
@@ -178,8 +181,8 @@ def log_evaluation(workspace: Path, run_id: str, metrics: dict[str, float], tabl
                    curves: dict[str, dict[str, float]], models: ModelSet, decision: dict[str, str]) -> None:
     """The evaluation stage's results in tonight's run: held-out `metrics`, the metrics
     `table` as metrics.csv, each model's recall@K curve (`curves`: model -> K -> recall; a
-    stepped metric `<METRIC_PREFIX>recall_curve`, step K), both models as artifacts, the
-    plots and the champion `decision` tags."""
+    stepped metric `<METRIC_PREFIX>recall_curve`, step K), the plots and the champion
+    `decision` tags."""
     from mlflow.entities import Metric, RunTag
 
     mlflow = client(workspace)
@@ -190,7 +193,6 @@ def log_evaluation(workspace: Path, run_id: str, metrics: dict[str, float], tabl
     with tempfile.TemporaryDirectory() as scratch:
         pl.DataFrame(table).write_csv(Path(scratch) / "metrics.csv")
         mlflow.log_artifact(run_id, str(Path(scratch) / "metrics.csv"))
-    mlflow.log_artifacts(run_id, str(models.path), "models")
     for name, figure in _plots(curves, models).items():
         mlflow.log_figure(run_id, figure, f"plots/{name}.png")
     mlflow.log_batch(run_id, tags=[RunTag(key, value) for key, value in decision.items()])
@@ -242,28 +244,36 @@ def _plots(curves: dict[str, dict[str, float]], models: ModelSet) -> dict:
 # --- the registry --------------------------------------------------------------------
 
 
+def log_recommender(workspace: Path, run_id: str, models: ModelDir, features: Path, config: PipelineConfig) -> None:
+    """Log tonight's models, scoring from the feature set at `features` with `config`'s list
+    settings, as the MLflow model `recommender` of `run_id` (tasks/serving.py)."""
+    from tasks import serving
+
+    with tempfile.TemporaryDirectory() as scratch:
+        serving.save(Path(scratch) / RECOMMENDER, models, features, config.top_k, config.lists)
+        client(workspace).log_artifacts(run_id, str(Path(scratch) / RECOMMENDER), RECOMMENDER)
+
+
 def register(workspace: Path, run_id: str, model_key: str) -> str:
-    """Register both models of `run_id` (its `models` artifact) as versions tagged with
-    `model_key`, once: a version already registered for `model_key` is found and reused, so
-    a rerun or retry never registers the same models twice. Returns the retrieval model's
-    version."""
+    """Register the `recommender` model of `run_id` (log_recommender) as a version of both
+    registered models, tagged with `model_key`, once: a version already registered for
+    `model_key` is found and reused, so a rerun or retry never registers the same models
+    twice. Returns the retrieval model's version."""
     from mlflow.exceptions import MlflowException
 
     mlflow = client(workspace)
-    artifacts = f"{mlflow.get_run(run_id).info.artifact_uri}/models"
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{RECOMMENDER}"
     versions = []
-    for name, path in ((RETRIEVAL_MODEL, ModelDir.RETRIEVAL), (RANKING_MODEL, ModelDir.RANKING)):
+    for name in (RETRIEVAL_MODEL, RANKING_MODEL):
         found = mlflow.search_model_versions(f"name='{name}' and tags.{MODEL_KEY}='{model_key}'")
         if found:
             versions.append(min(found, key=lambda version: int(version.version)).version)
             continue
         try:
-            mlflow.create_registered_model(name, description="recflow nightly model (SavedModel)")
+            mlflow.create_registered_model(name, description=DESCRIPTION)
         except MlflowException:
             pass  # already registered
-        versions.append(
-            mlflow.create_model_version(name, f"{artifacts}/{path}", run_id=run_id, tags={MODEL_KEY: model_key}).version
-        )
+        versions.append(mlflow.create_model_version(name, source, run_id=run_id, tags={MODEL_KEY: model_key}).version)
     return str(versions[0])
 
 
@@ -301,9 +311,11 @@ def champion(workspace: Path):
         return None
     models = ModelDir.of(workspace, version.tags.get(MODEL_KEY, version.run_id))
     if not models.is_complete():
+        # versions registered before the recommender was logged point into the run's `models`
+        logged = RECOMMENDER_MODELS if version.source.endswith(RECOMMENDER) else "models"
         staging = temp_dir(workspace, "champion")
-        mlflow.download_artifacts(version.run_id, "models", str(staging))
-        publish_dir(staging / "models", models.path)
+        mlflow.download_artifacts(version.run_id, logged, str(staging))
+        publish_dir(staging / Path(logged).name, models.path)  # MLflow downloads into the path's last part
     return version, models
 
 

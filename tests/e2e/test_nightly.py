@@ -92,10 +92,34 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     assert champion.run_id == run.info.run_id
     assert client.get_model_version_by_alias("recflow-ranking", "champion").run_id == run.info.run_id
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.csv", "models", "validation"} <= artifacts
+    assert {"metrics.csv", "recommender", "validation"} <= artifacts
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert set(table["model_version"]) == {str(champion.version)}
     assert (workspace / "models" / run.data.tags["model_key"] / "retrieval" / "saved_model.pb").exists()
+
+
+def test_the_champion_loads_as_an_mlflow_model_that_answers_with_the_published_lists(nightly_run, monkeypatch):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    workspace, _ = nightly_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/recflow-retrieval@champion")
+    assert model.metadata.get_input_schema().input_names() == ["user_id", "history"]
+    table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    users = table["user_id"].unique().sort().head(3).to_list()
+    answered = pl.from_pandas(model.predict(pd.DataFrame({"user_id": users[::-1]})))
+    assert answered["user_id"].unique(maintain_order=True).to_list() == users[::-1]  # in the order asked
+    published = table.filter(pl.col("user_id").is_in(users)).sort("user_id", "rank")
+    answered = answered.sort("user_id", "rank")
+    assert answered.select("user_id", "rank", "item_id", "reason").equals(
+        published.select("user_id", "rank", "item_id", "reason"))
+    assert (answered["score"] - published["score"]).abs().max() < 1e-5
+    # someone the night never saw, from a history of three items: a list of k others
+    history = table["item_id"].unique().sort().head(3).to_list()
+    fresh = model.predict(pd.DataFrame({"user_id": ["someone-new"], "history": [history]}), params={"k": 4})
+    assert fresh["rank"].tolist() == [1, 2, 3, 4] and not set(history) & set(fresh["item_id"])
+    assert set(fresh["because_item_id"]) <= set(history)
 
 
 def test_every_recommendation_is_explained_by_the_most_similar_item_of_the_users_recent_history(nightly_run):

@@ -212,3 +212,50 @@ def test_mlflow_links_open_the_runs_table_with_metric_columns_and_the_run(served
     heading = browser.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), 'Metrics (')]")
     browser.execute_script("arguments[0].scrollIntoView();", heading)
     browser.save_screenshot(str(SCREENSHOTS / "mlflow-run.png"))
+
+
+def test_the_champion_is_an_mlflow_model_served_by_mlflow_models_serve_with_the_published_lists(served_run, browser):
+    """The registry's champion, fetched through the tracking server, answers over HTTP with
+    the lists the run published; its version page shows the model's signature."""
+    import urllib.request
+
+    client, _ = _mlflow_run(served_run)
+    version = client.get_model_version_by_alias("recflow-retrieval", "champion")
+    table = pl.read_parquet(served_run["workspace"] / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    users = table["user_id"].unique().sort().head(3).to_list()
+    port = _free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    env = os.environ | {"MLFLOW_TRACKING_URI": served_run["urls"]["mlflow"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    log_path = served_run["workspace"].parent / "models-serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", "models:/recflow-retrieval@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
+            data=json.dumps({"dataframe_split": {"columns": ["user_id"], "data": [[user] for user in users]}}).encode(),
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answered = pl.DataFrame(json.load(response)["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    published = table.filter(pl.col("user_id").is_in(users)).sort("user_id", "rank")
+    assert answered.sort("user_id", "rank").select("user_id", "rank", "item_id").equals(
+        published.select("user_id", "rank", pl.col("item_id")))
+    assert published.group_by("user_id").len()["len"].to_list() == [7] * 3  # the run's top_k is the default k
+    browser.get(f"{served_run['urls']['mlflow']}/#/models/recflow-retrieval/versions/{version.version}")
+    _wait_for_text(browser, "Inputs (2)")  # the signature: user_id, history -> the list's 7 columns
+    _wait_for_text(browser, "Outputs (7)")
+    browser.save_screenshot(str(SCREENSHOTS / "mlflow-model-version.png"))

@@ -87,16 +87,22 @@ def test_forget_rebuilds_earlier_partitions_without_listed_users_once(tmp_path):
     EVENTS.filter(pl.col("user_id") == "bob").write_parquet(recommendations / "part-00001.parquet")
     (recommendations / "_manifest.json").write_text(json.dumps({"rows": 7, "users": 5, "run_date": "2026-01-01"}))
     (snapshot / "_stage.json").write_text(json.dumps({"key": "k", "record": {"n_interactions": 6, "n_users": 5}}))
+    logged = tmp_path / "mlartifacts" / "1" / "run" / "artifacts" / "recommender" / "artifacts" / "features"
+    logged.mkdir(parents=True)
+    pl.DataFrame({"user_id": ["ann", "bob"], "user_idx": [1, 2]}).write_parquet(logged / "users.parquet")
+    pl.DataFrame({"user_idx": [1, 2, 1], "item_idx": [3, 4, 5]}).write_parquet(logged / "events.parquet")
     listed = tmp_path.parent / f"{tmp_path.name}-deleted.csv"
     listed.write_text("user_id\nann\n")
     cfg = PrivacyConfig(deleted_users=str(listed))
     kept = ModelDir(path=kept_model.parents[1])
-    assert forget(tmp_path, cfg, keep=kept) == {"rewritten": 2, "removed": 2}
+    assert forget(tmp_path, cfg, keep=kept) == {"rewritten": 3, "removed": 2}
     table = pl.read_parquet(recommendations / "*.parquet")
     assert "ann" not in table["user_id"].to_list() and table.height == EVENTS.height - 2 + 1
     assert json.loads((recommendations / "_manifest.json").read_text()) == {"rows": 5, "users": 4, "run_date": "2026-01-01"}
     assert json.loads((snapshot / "_stage.json").read_text())["record"] == {"n_interactions": 4, "n_users": 4}
     assert not features.exists() and not model.exists() and kept_model.exists()
+    assert pl.read_parquet(logged / "users.parquet").rows() == [(None, 1), ("bob", 2)]  # indices stay
+    assert pl.read_parquet(logged / "events.parquet")["user_idx"].to_list() == [2]
     assert not list((tmp_path / ".tmp").glob("forget-*"))
     assert forget(tmp_path, cfg, keep=kept) == {"rewritten": 0, "removed": 0}  # applied already
 
