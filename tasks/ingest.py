@@ -379,11 +379,17 @@ SYNTHETIC_CHUNK = 25_000
 
 
 def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A seeded dataset with planted structure a good recommender should find.
+    """A seeded dataset with planted structure a good recommender should find, that grows
+    day by day.
 
     Users and items belong to latent clusters; popularity within a cluster follows a power
     law; each cluster's items form a chain that users walk forward in time-ordered sessions
     (the sequential signal); item categories and title words are drawn from their cluster's.
+    This world is the seed's. Time runs in epochs of `days` days from 1970: in each, every
+    user walks once, drawn from (seed, epoch). A date sees the `days` days before it, the end
+    of the last epoch and the start of the current one, so the next date sees one more day
+    of events (users mid-walk go on, users whose walk starts are new) and loses its oldest;
+    each date's data is the same on every machine.
     """
     rng = np.random.default_rng(seed)
     n_users, n_items, n_clusters = cfg.n_users, cfg.n_items, min(cfg.n_clusters, cfg.n_items)
@@ -399,7 +405,7 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
     segment_low = np.concatenate([[0.0], cumulative[np.cumsum(sizes)[:-1] - 1]])
     segment_high = cumulative[np.cumsum(sizes) - 1]
 
-    def popular_in(clusters: np.ndarray) -> np.ndarray:
+    def popular_in(clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         draw = segment_low[clusters] + rng.random(clusters.size) * (segment_high[clusters] - segment_low[clusters])
         return np.minimum(np.searchsorted(cumulative, draw, side="right"), n_items - 1)
 
@@ -407,14 +413,18 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
     second_cluster = rng.integers(n_clusters, size=n_users)
     lengths = np.clip(rng.lognormal(np.log(cfg.events_per_user) - 0.3, 0.8, n_users), 5, cfg.events_per_user * 8)
     lengths = lengths.astype(int)
-    end = dt.datetime.combine(run_date, dt.time(), dt.timezone.utc).timestamp() - 3600
+    midnight = dt.datetime.combine(run_date, dt.time(), dt.timezone.utc).timestamp()
+    end = midnight - 3600  # the last hour before the date stays empty
+    window = cfg.days * 86400
+    epoch = int(end // window)
 
-    def walk(chunk: slice) -> pl.DataFrame:
-        """The sessions of users in `chunk`, as (users x steps) arrays, then one row per event."""
+    def walk(chunk: slice, start: float, rng: np.random.Generator) -> pl.DataFrame:
+        """The sessions of users in `chunk` in the epoch from `start`, as (users x steps)
+        arrays, then one row per event."""
         cluster, second, length = user_cluster[chunk], second_cluster[chunk], lengths[chunk]
         n, steps = length.size, int(length.max())
         position = np.empty((n, steps), dtype=np.int64)  # index into `order`
-        position[:, 0] = popular_in(cluster)
+        position[:, 0] = popular_in(cluster, rng)
         for t in range(1, steps):
             previous = position[:, t - 1]
             move = rng.random(n)
@@ -422,17 +432,17 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
             chain_next = starts[cluster_of_previous] + (previous - starts[cluster_of_previous] + rng.integers(1, 3, n)) % sizes[cluster_of_previous]
             home = np.where(rng.random(n) < 0.8, cluster, second)
             position[:, t] = np.where(
-                move < 0.55, chain_next, np.where(move < 0.9, popular_in(home), popular_in(rng.integers(n_clusters, size=n)))
+                move < 0.55, chain_next,
+                np.where(move < 0.9, popular_in(home, rng), popular_in(rng.integers(n_clusters, size=n), rng)),
             )
         valid = np.arange(steps)[None, :] < length[:, None]
         new_session = rng.random((n, steps)) < 0.12
         gap = np.where(new_session, rng.exponential(86400 * 3.0, (n, steps)), rng.integers(30, 900, (n, steps)))
         gap[:, 0] = 0
         elapsed = np.cumsum(gap * valid, axis=1)
-        window = cfg.days * 86400
         span = elapsed.max(axis=1)
         scale = np.minimum(1.0, window * 0.9 / np.maximum(span, 1))
-        first = end - window + rng.random(n) * (window - span * scale)
+        first = start + rng.random(n) * (window - span * scale)
         timestamps = (first[:, None] + elapsed * scale[:, None]).astype(np.int64)
         users_matrix = np.broadcast_to(np.arange(chunk.start, chunk.start + n)[:, None], (n, steps))
         item_index = order[position]
@@ -447,9 +457,18 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
             }
         ).unique(["user_id", "item_id"], keep="first", maintain_order=True)
 
-    # In chunks of users, so memory stays flat at any size (one chunk up to 25,000 users).
-    interactions = pl.concat(
-        [walk(slice(low, min(low + SYNTHETIC_CHUNK, n_users))) for low in range(0, n_users, SYNTHETIC_CHUNK)]
+    # Both epochs the date's window overlaps, in chunks of users, so memory stays flat at any
+    # size (one chunk up to 25,000 users).
+    seen = pl.col("timestamp").is_between(midnight - window, end, closed="left")
+    walks = []
+    for current in (epoch - 1, epoch):
+        walker = np.random.default_rng([seed, current])
+        walks += [walk(slice(low, min(low + SYNTHETIC_CHUNK, n_users)), current * window, walker).filter(seen)
+                  for low in range(0, n_users, SYNTHETIC_CHUNK)]
+    interactions = (
+        pl.concat(walks)
+        .sort("user_id", "timestamp", maintain_order=True)
+        .unique(["user_id", "item_id"], keep="first", maintain_order=True)
     ).select(
         pl.format("user_{}", pl.col("user_id")).alias("user_id"),
         pl.format("item_{}", pl.col("item_id")).alias("item_id"),

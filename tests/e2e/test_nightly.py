@@ -228,12 +228,18 @@ def _checksums(directory: Path) -> dict[str, str]:
 
 
 
+# Models that must lose the gate on any night: an untrained two-tower model as the only
+# candidate source (the data has grown since the champion's night, so a normal run may win).
+WEAK = {"retrieval": {"max_epochs": 1, "learning_rate": 1e-7}, "candidates": {"two_tower": 20, "covisitation": 0},
+        "ranking": {"max_epochs": 1}}
+
+
 def test_a_weaker_model_is_registered_but_the_champion_scores_tonight(copy_of_run):
     from flows.nightly import nightly
 
     workspace, first, config = copy_of_run
     next_date = RUN_DATE + dt.timedelta(days=2)
-    summary = nightly(config(run_date=next_date, retrieval={"max_epochs": 1, "learning_rate": 1e-7}))
+    summary = nightly(config(run_date=next_date, **WEAK))
     assert summary["promoted"] is False
     assert "does not beat champion v1" in summary["champion"]
     client = mlflow_client(workspace)
@@ -256,7 +262,7 @@ def test_rerunning_the_evaluation_of_models_that_lost_the_gate_registers_them_on
     from flows.nightly import nightly
 
     workspace, _, config = copy_of_run
-    weak = config(run_date=RUN_DATE + dt.timedelta(days=2), retrieval={"max_epochs": 1, "learning_rate": 1e-7})
+    weak = config(run_date=RUN_DATE + dt.timedelta(days=2), **WEAK)
     first, again = nightly(weak), nightly(weak)
     assert first["promoted"] is False and again["promoted"] is False
     assert "train_retrieval" in again["reused_stages"] and again["model_key"] == first["model_key"]
@@ -370,11 +376,18 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     assert copied >= 6  # the item id table, positions, attention and projection weights, self-attention block
 
     copy, _, config = copy_of_run
-    warm = nightly(config(run_date=RUN_DATE + dt.timedelta(days=3),
-                          retrieval={"max_epochs": 2, "batch_size": 512, "warm_start": True}))
+    next_day = RUN_DATE + dt.timedelta(days=1)  # the synthetic source has grown by a day
+    warm = nightly(config(run_date=next_day, retrieval={"max_epochs": 2, "batch_size": 512, "warm_start": True}))
     uri = f"sqlite:///{copy / 'mlflow.db'}"
     run = MlflowClient(tracking_uri=uri).get_run(warm["nightly_run_id"])
     assert run.data.tags["warm_start_from"] == champion.name
+    # consecutive nights differ: new events, and new lists
+    first, second = (pl.read_parquet(copy / "snapshots" / f"run_date={day}" / "interactions.parquet")
+                     for day in (RUN_DATE, next_day))
+    assert not second.join(first, on=["user_id", "item_id", "timestamp"], how="anti").is_empty()
+    lists = [pl.read_parquet(copy / "recommendations" / f"run_date={day}" / "*.parquet").select("user_id", "rank", "item_id")
+             .sort("user_id", "rank") for day in (RUN_DATE, next_day)]
+    assert not lists[0].equals(lists[1])
 
 
 def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_models(copy_of_run):

@@ -23,8 +23,8 @@ from tasks.score import prepare, score_shard, shard_users
 from tests.conftest import ROOT, make_run
 
 RUN_DATE = "2026-11-20"
-# Three scoring blocks of users, so two shards really split the work.
-DATA = {"n_users": 2 * USERS_PER_BLOCK + 60, "n_items": 400, "n_clusters": 6, "events_per_user": 12}
+# Three scoring blocks of users (of 2,348, 2,194 are active on RUN_DATE), so two shards really split the work.
+DATA = {"n_users": 2 * USERS_PER_BLOCK + 300, "n_items": 400, "n_clusters": 6, "events_per_user": 12}
 FAST = {"retrieval": {"max_epochs": 1, "batch_size": 512}, "ranking": {"max_epochs": 1}, "top_k": 5}
 
 
@@ -58,10 +58,10 @@ def test_dask_sharded_scoring_writes_the_table_a_single_process_writes(tmp_path)
     partition = tmp_path / "dask" / "recommendations" / f"run_date={RUN_DATE}"
     assert sorted(p.name for p in partition.glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
     sharded = pl.read_parquet(partition / "*.parquet")
-    assert sharded["user_id"].n_unique() == DATA["n_users"]
+    workspace = tmp_path / "dask"
+    assert sharded["user_id"].n_unique() == _users(workspace) > 2 * USERS_PER_BLOCK
 
     # The same models and features scored in this one process, as one shard.
-    workspace = tmp_path / "dask"
     features = json.loads((workspace / "features" / f"run_date={RUN_DATE}" / "_stage.json").read_text())["record"]
     manifest = json.loads((partition / "_manifest.json").read_text())
     models = next(p for p in (workspace / "models").iterdir() if (p / "retrieval").exists())
@@ -82,8 +82,14 @@ def test_training_under_a_mirrored_strategy_over_two_cpu_devices(tmp_path):
     summary, log = recflow_run(tmp_path, "mirrored", {"retrieval": FAST["retrieval"] | {"strategy": "mirrored",
                                                                                         "devices": 2}})
     assert "MirroredStrategy with 2 replica(s)" in log
-    assert summary["rows"] == DATA["n_users"] * FAST["top_k"]
+    assert summary["rows"] == _users(tmp_path / "mirrored") * FAST["top_k"]
     assert summary["ndcg_at_10"] > summary["popularity_ndcg_at_10"]
+
+
+def _users(workspace) -> int:
+    """How many users the run's snapshot holds (the synthetic source's active users that day)."""
+    snapshot = workspace / "snapshots" / f"run_date={RUN_DATE}" / "interactions.parquet"
+    return pl.read_parquet(snapshot)["user_id"].n_unique()
 
 
 def test_a_remote_dask_cluster_needs_a_prefect_api_its_workers_can_reach(tmp_path):

@@ -244,7 +244,7 @@ def test_synthetic_matches_the_schema_and_sizes():
     interactions, items = generate_synthetic(SMALL, RUN_DATE, seed=3)
 
     assert interactions.schema == INTERACTIONS
-    assert interactions["user_id"].n_unique() == SMALL.n_users
+    assert 0.5 * SMALL.n_users < interactions["user_id"].n_unique() <= SMALL.n_users  # some between two walks
     assert items.height == SMALL.n_items
     assert interactions["item_id"].is_in(items["item_id"].implode()).all()
     assert not interactions.select("user_id", "item_id").is_duplicated().any()
@@ -256,6 +256,17 @@ def test_synthetic_has_no_timestamps_on_or_after_the_run_date():
     run_start = int(dt.datetime.combine(RUN_DATE, dt.time(), dt.timezone.utc).timestamp())
     assert interactions["timestamp"].max() < run_start
     assert interactions["timestamp"].min() >= run_start - SMALL.days * 86400
+
+
+def test_synthetic_grows_by_a_day_from_one_date_to_the_next():
+    day, next_day = dt.date(2026, 3, 10), dt.date(2026, 3, 11)
+    runs = {d: generate_synthetic(SMALL, d, seed=3)[0].select("user_id", "item_id", "timestamp") for d in (day, next_day)}
+    start, end = (int(dt.datetime.combine(d, dt.time(), dt.timezone.utc).timestamp()) - 3600 for d in (day, next_day))
+    kept = runs[day].filter(pl.col("timestamp") >= end + 3600 - SMALL.days * 86400)  # in the next date's window
+    assert kept.join(runs[next_day], on=["user_id", "item_id", "timestamp"], how="anti").is_empty()  # the past stays
+    new = runs[next_day].join(runs[day], on=["user_id", "item_id", "timestamp"], how="anti")
+    assert new.height > 0 and (new["timestamp"] >= start).all() and (new["timestamp"] < end).all()  # one more day
+    assert runs[next_day].equals(generate_synthetic(SMALL, next_day, seed=3)[0].select(runs[day].columns))
 
 
 def test_synthetic_users_concentrate_on_few_categories_far_more_than_chance():
