@@ -168,8 +168,8 @@ RECOMMENDER_FEATURES = f"{RECOMMENDER}/artifacts/features"
 
 
 class ModelDir(BaseModel):
-    """The layout of a models/<key>/ directory, and of the `models` artifact of the MLflow
-    run that trained it: both SavedModels and the vocabularies they were trained with.
+    """The layout of a models/<key>/ directory, and of RECOMMENDER_MODELS in the artifacts of
+    the MLflow run that trained it: both SavedModels and the vocabularies they were trained with.
 
     Every path into such a directory comes from here.
     """
