@@ -2,7 +2,7 @@
 PYTHON ?= python3
 UV = $(PYTHON) -m uv
 
-.PHONY: setup run test test-slow test-production browser postgres bench
+.PHONY: setup run test test-slow test-production browser postgres bench docs
 
 setup: .venv/.synced
 
@@ -24,7 +24,7 @@ test-slow: setup browser
 	.venv/bin/python -m pytest -m slow
 
 # The production topology (`recflow stack up --backend postgres`) on PostgreSQL: a worker,
-# server faults, a 17-run load (tests/production/, README "Production").
+# server faults, a 17-run load (tests/production/, docs/operations.md).
 test-production: setup postgres
 	.venv/bin/python -m pytest -m production
 
@@ -42,7 +42,12 @@ browser:
 
 # Quality against the classical baselines (docs/quality.md) on real data, which the repository
 # does not ship: directories and GroupLens archives (make bench DATASETS="movielens:ml-latest-small
-# synthetic path/to/data"); results in bench/results/, tables in the README.
+# synthetic path/to/data"); results in bench/results/, tables in docs/quality.md and the README.
 DATASETS ?= movielens:ml-latest-small synthetic
 bench: setup
 	.venv/bin/recflow bench $(DATASETS)
+
+# docs/configuration.md, the configuration reference, from schemas/config.py (a test fails when
+# the committed file is out of date).
+docs: setup
+	.venv/bin/python -m schemas.reference

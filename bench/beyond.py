@@ -33,6 +33,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import doctables  # noqa: E402
 import quality  # noqa: E402
 
 from schemas.tables import ModelDir  # noqa: E402
@@ -156,15 +157,8 @@ def main() -> None:
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    cold = report["cold_start"]
-    print(f"cold items: {cold['cold_items']}, users: {cold['users_scored']}\n| order | Recall@10 | NDCG@10 |\n|---|---|---|")
-    for name, values in cold["recall_among_cold_items"].items():
-        print(f"| {name} | {values['recall']:.4f} | {values['ndcg']:.4f} |")
-    print("\n| setting | NDCG@10 | Recall@10 | diversity | novelty | popularity bias |\n|---|---|---|---|---|---|")
-    for name, values in report["diversity"].items():
-        print(f"| {name} | {values['ndcg']:.4f} | {values['recall']:.4f} | {values['diversity']:.3f} | "
-              f"{values['novelty']:.2f} | {values['popularity_bias']:.3f} |")
-
+    print(doctables.beyond_tables(report))
+    doctables.after_writing(args.out)
 
 if __name__ == "__main__":
     main()

@@ -6,9 +6,10 @@ hidden; hidden items never seen in the visible part are dropped. The real pipeli
 (`recflow run --top-k 10`, default settings) runs on the visible part only, in a subprocess;
 its written top-10 lists are scored on the hidden part with the same metric functions the
 pipeline uses, next to classical baselines computed on the same split: popularity, item-kNN,
-EASE, recency-weighted EASE and iALS. Each dataset's table replaces its block in the README.
+EASE, recency-weighted EASE and iALS. The development datasets' tables are written into
+docs/quality.md and the README's summary (bench/doctables.py).
 
-    python bench/quality.py DATASET [DATASET ...]   (bench/results/quality-<name>.json, README tables)
+    python bench/quality.py DATASET [DATASET ...]   (bench/results/quality-<name>.json, docs tables)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
+import doctables  # noqa: E402
 
 from schemas.config import SyntheticConfig  # noqa: E402
 from schemas.tables import ModelDir  # noqa: E402
@@ -106,7 +108,7 @@ def load(dataset: str) -> tuple[pl.DataFrame, pl.DataFrame | None]:
 
 
 def label(dataset: str) -> str:
-    """The short name of a dataset in result files and the README: its directory or archive name."""
+    """The short name of a dataset in result files and the docs: its directory or archive name."""
     return dataset.split(":", 1)[1] if dataset.startswith("movielens:") else Path(dataset).name
 
 
@@ -166,52 +168,19 @@ def bench(dataset: str) -> dict:
     }
 
 
-def table(report: dict) -> str:
-    """The report as a markdown table, weakest to strongest, with recflow's ratio to the best baseline."""
-    results = report["results"]
-    classical_best = max((v for n, v in results.items() if not n.startswith("recflow")), key=lambda v: v["ndcg"])
-    ours = results["recflow (as written)"]
-    rows = ["| model | NDCG@10 | Recall@10 | coverage@10 | popularity ratio | seconds |", "|---|---|---|---|---|---|"]
-    for name, v in sorted(results.items(), key=lambda item: item[1]["ndcg"]):
-        seconds = f"{v['seconds']:.0f}" if "seconds" in v else "-"
-        bold = "**" if v is ours else ""
-        rows.append(f"| {bold}{name}{bold} | {bold}{v['ndcg']:.4f}{bold} | {bold}{v['recall']:.4f}{bold} | "
-                    f"{v['coverage']:.3f} | {v['popularity_ratio']:.2f} | {seconds} |")
-    rows.append(f"\nrecflow / best classical baseline: NDCG@10 {ours['ndcg'] / classical_best['ndcg']:.2f}x, "
-                f"Recall@10 {ours['recall'] / classical_best['recall']:.2f}x; {report['users_scored']} users, "
-                f"{report['hidden_events']} hidden events.")
-    return "\n".join(rows)
-
-
-def write_readme(readme: Path, name: str, text: str) -> bool:
-    """Replace the README's block between `<!-- quality:NAME -->` and `<!-- /quality:NAME -->`;
-    False when the README has no such block."""
-    begin, end = f"<!-- quality:{name} -->", f"<!-- /quality:{name} -->"
-    content = readme.read_text()
-    if begin not in content or end not in content:
-        return False
-    head, rest = content.split(begin, 1)
-    readme.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
-    return True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("datasets", nargs="+", help="dataset directories, 'movielens:<name>' or 'synthetic'")
     parser.add_argument("--results", type=Path, default=Path("bench/results"),
                         help="where to write quality-<dataset>.json")
-    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md",
-                        help="README whose quality:<dataset> blocks receive the tables")
     args = parser.parse_args()
     for dataset in args.datasets:
         report = bench(dataset)
         name = label(dataset)
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"quality-{name}.json").write_text(json.dumps(report, indent=2))
-        text = table(report)
-        print(f"\n{name}\n{text}", flush=True)
-        if args.readme.exists() and not write_readme(args.readme, name, text):
-            print(f"({args.readme} has no '<!-- quality:{name} -->' block; the table is not copied there)")
+        print(f"\n{name}\n{doctables.quality_table(report)}", flush=True)
+        doctables.after_writing(args.results / f"quality-{name}.json")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import doctables
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DATE = "2026-11-27"
 
@@ -110,6 +112,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    doctables.after_writing(args.out)
 
 
 if __name__ == "__main__":

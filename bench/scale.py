@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import doctables
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DATE = "2026-11-27"
 # ~60 events per user on average before de-duplication gives ~1.0, 3.0 and 10.7M interactions.
@@ -138,6 +140,7 @@ def main() -> None:
         out = args.out.with_name("scale-training.json")
         out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
+        doctables.after_writing(out)
         return
     if args.one:
         with tempfile.TemporaryDirectory() as scratch:
@@ -160,6 +163,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    doctables.after_writing(args.out)
 
 
 def _machine() -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from bench import doctables
 from bench.scale import _machine
 from schemas.config import PipelineConfig, RankingConfig, RetrievalConfig, Run
 from tasks.features import load_features
@@ -157,6 +158,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    doctables.after_writing(args.out)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def bench(
     results: Annotated[Path, typer.Option(help="where to write quality-<dataset>.json")] = Path("bench/results"),
 ) -> None:
     """Score `recflow run --top-k 10` against classical baselines under the quality protocol
-    (docs/quality.md), one dataset after another; each table also replaces its README block."""
+    (docs/quality.md), one dataset after another; the tables go to docs/quality.md and the README's summary."""
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
     if not script.exists():
         _fail(f"{script} not found; the benchmark runs from a source checkout")

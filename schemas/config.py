@@ -21,13 +21,19 @@ class _Section(BaseModel):
 
 
 class SyntheticConfig(_Section):
-    """Sizes and seed of the built-in synthetic source (planted clusters and sequences)."""
+    """Sizes of the built-in synthetic source (planted clusters and sequences), used when
+    `source` is 'synthetic'; its seed is the run's `seed`."""
 
-    n_users: int = Field(600, ge=2)
-    n_items: int = Field(1500, ge=10)
-    n_clusters: int = Field(8, ge=1)
+    n_users: int = Field(
+        600, ge=2, description="users of the synthetic world; a date sees those with events in its window"
+    )
+    n_items: int = Field(1500, ge=10, description="items of the synthetic catalogue, each with a title and categories")
+    n_clusters: int = Field(
+        8, ge=1, description="latent tastes (at most n_items): each item belongs to one, each user has a main "
+        "and a second one",
+    )
     events_per_user: int = Field(60, ge=5, description="mean events per user")
-    n_categories: int = Field(16, ge=1)
+    n_categories: int = Field(16, ge=1, description="item categories; each cluster's items mostly take two of them")
     days: int = Field(365, ge=1, description="history length in days, ending the day before the run date")
 
 
@@ -35,11 +41,11 @@ class ValidationConfig(_Section):
     """Thresholds of the Great Expectations gate (schemas/suites.py) and of the row rules
     (schemas/rules.py)."""
 
-    min_rows: int = Field(100, ge=1)
-    min_users: int = Field(10, ge=1)
-    min_items: int = Field(10, ge=1)
-    rating_min: float = 0.0
-    rating_max: float = 5.0
+    min_rows: int = Field(100, ge=1, description="fewest interactions a snapshot may have")
+    min_users: int = Field(10, ge=1, description="fewest distinct users the interactions may have")
+    min_items: int = Field(10, ge=1, description="fewest distinct items the interactions may have")
+    rating_min: float = Field(0.0, description="lowest valid rating; a row rated below it breaks a row rule")
+    rating_max: float = Field(5.0, description="highest valid rating; a row rated above it breaks a row rule")
     max_duplicate_rate: float = Field(
         0.05, ge=0, le=1, description="largest allowed share of exact duplicate (user, item, timestamp) events"
     )
@@ -54,6 +60,10 @@ class ValidationConfig(_Section):
 
 
 class FeatureConfig(_Section):
+    """How events become model inputs (tasks/featurize.py): the time split of each user's
+    events into `fit`, `valid` and `test`, the user sample later stages compute on, the
+    history the query tower reads and the title words the item tower reads."""
+
     history_length: int = Field(20, ge=1, description="recent items kept per user sequence")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of each user's events held out for evaluation")
     valid_fraction: float = Field(
@@ -65,12 +75,16 @@ class FeatureConfig(_Section):
         description="users (a fixed seeded sample) whose lists validation, ranker training and held-out metrics "
         "compute; all users when fewer",
     )
-    max_title_tokens: int = Field(8, ge=0)
-    title_vocab_size: int = Field(5000, ge=0)
+    max_title_tokens: int = Field(8, ge=0, description="title words kept per item, the most frequent first")
+    title_vocab_size: int = Field(
+        5000, ge=0, description="title words indexed: the most frequent of those in at least two items' titles"
+    )
 
 
 class RetrievalConfig(_Section):
-    """Defaults: the winner of bench/tune.py's seeded search (bench/results/tune.json), with
+    """The two-tower retrieval model (tasks/towers.py) and its training (tasks/retrieval.py).
+
+    Defaults: the winner of bench/tune.py's seeded search (bench/results/tune.json), with
     features.history_length 20; a full ml-latest-small run with them stays under 3 minutes."""
 
     embedding_dim: int = Field(64, ge=4, multiple_of=2, description="even: self-attention splits it into two heads")
@@ -81,17 +95,22 @@ class RetrievalConfig(_Section):
         False, description="a learned embedding per user id in the query tower, beside the history (which already "
         "carries the user); with short histories it overfits",
     )
-    batch_size: int = Field(512, ge=8)
-    learning_rate: float = Field(0.003, gt=0)
-    max_epochs: int = Field(15, ge=1)
+    batch_size: int = Field(
+        512, ge=8, description="training examples per batch; each example's negatives are the batch's other items"
+    )
+    learning_rate: float = Field(0.003, gt=0, description="Adam's learning rate")
+    max_epochs: int = Field(15, ge=1, description="most epochs trained; early stopping usually ends sooner")
     max_examples_per_epoch: int = Field(
         250_000, ge=1,
         description="an epoch is at most this many examples (the next one goes on through the data): with "
         "max_epochs it bounds training time on large data, and validation runs often enough to stop early",
     )
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
-    temperature: float = Field(0.1, gt=0)
-    l2: float = Field(0.0, ge=0)
+    temperature: float = Field(
+        0.1, gt=0, description="softmax temperature of the retrieval loss: lower sharpens the positive against "
+        "the in-batch negatives",
+    )
+    l2: float = Field(0.0, ge=0, description="L2 penalty on the item and user id embeddings; 0 = none")
     warm_start: bool = Field(False, description="start training from the champion's weights, when there is one")
     strategy: Literal["default", "mirrored", "multi_worker"] = Field(
         "default",
@@ -118,13 +137,13 @@ class CandidateConfig(_Section):
     )
     similarity_shrink: list[float] = Field(
         [10.0, 50.0, 200.0], min_length=1,
-        description="shrinkage of the item similarity tried by the selection: larger values trust items that "
-        "co-occur rarely less",
+        description="shrinkage of the item similarity tried by the selection, each at least 0: larger values "
+        "trust items that co-occur rarely less",
     )
     similarity_asymmetry: list[float] = Field(
         [0.5, 0.7, 0.9], min_length=1,
-        description="asymmetry of the item similarity tried by the selection: 0.5 is cosine; towards 1 a "
-        "history item's popularity is discounted more and a candidate's less",
+        description="asymmetry of the item similarity tried by the selection, each between 0 and 1: 0.5 is "
+        "cosine; towards 1 a history item's popularity is discounted more and a candidate's less",
     )
     selection_seconds: float = Field(
         120.0, gt=0, description="time budget of the selection: the first pair is always scored, the others "
@@ -148,10 +167,13 @@ class RankingConfig(_Section):
     epochs and the popularity discount. A final ranker then trains on every list that long;
     the exported ranker scores the mean logit of it and the two probes, with that discount."""
 
-    embedding_dim: int = Field(32, ge=4)
+    embedding_dim: int = Field(32, ge=4, description="size of the user and item id embeddings (with id_embeddings)")
     batch_size: int = Field(32, ge=1, description="users (candidate lists) per batch")
-    learning_rate: float = Field(0.002, gt=0)
-    max_epochs: int = Field(30, ge=1)
+    learning_rate: float = Field(0.002, gt=0, description="Adam's learning rate")
+    max_epochs: int = Field(
+        30, ge=1, description="most epochs a probe ranker trains; the final ranker trains the probes' mean best "
+        "epoch count"
+    )
     patience: int = Field(3, ge=1, description="epochs without a lower held-out loss before stopping")
     popularity_discounts: list[float] = Field(
         [0.0, 0.1, 0.2, 0.3, 0.5], min_length=1,
@@ -159,8 +181,8 @@ class RankingConfig(_Section):
         "than the first is kept only when its NDCG@10 there is clearly better (a paired t of at least 2): lists "
         "reach further into the long tail where the data supports it. One value forces that discount",
     )
-    cross_layers: int = Field(1, ge=0)
-    l2: float = Field(1e-4, ge=0)
+    cross_layers: int = Field(1, ge=0, description="DCN-v2 cross layers before the deep layers; 0 = deep layers only")
+    l2: float = Field(1e-4, ge=0, description="L2 penalty on the id embeddings (with id_embeddings); 0 = none")
     id_embeddings: bool = Field(False, description="user and item id embeddings in the ranker (overfit on small data)")
 
 
@@ -184,7 +206,7 @@ class ListConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Opt-outs, pseudonymisation and retention (README, "Privacy")."""
+    """Opt-outs, pseudonymisation and retention (docs/operations.md, "Privacy operations")."""
 
     deleted_users: str | None = Field(
         None,
@@ -211,8 +233,11 @@ class PipelineConfig(_Section):
         "archive, e.g. movielens:ml-latest-small)",
     )
     run_date: dt.date | None = Field(None, description="logical date of the run; default today (UTC)")
-    workspace: str = Field("workspace", description="directory holding everything a run writes")
-    top_k: int = Field(20, ge=1, le=1000)
+    workspace: str = Field("workspace", description="directory holding everything a run writes (no '..' in the path)")
+    top_k: int = Field(
+        20, ge=1, le=1000,
+        description="items per user in the published lists and the fallback lists; the served model's default k",
+    )
     shards: int = Field(
         1, ge=1, le=1024,
         description="scoring shards (ranges of users), run in parallel on the flow's task runner (threads; "
@@ -222,16 +247,19 @@ class PipelineConfig(_Section):
     popularity_half_life_days: float = Field(
         30.0, gt=0, description="how fast an event's weight in the fallback lists' recent popularity halves"
     )
-    seed: int = 42
-    mlflow_experiment: str = "recflow"
-    synthetic: SyntheticConfig = SyntheticConfig()
-    validation: ValidationConfig = ValidationConfig()
-    features: FeatureConfig = FeatureConfig()
-    retrieval: RetrievalConfig = RetrievalConfig()
-    candidates: CandidateConfig = CandidateConfig()
-    ranking: RankingConfig = RankingConfig()
-    lists: ListConfig = ListConfig()
-    privacy: PrivacyConfig = PrivacyConfig()
+    seed: int = Field(
+        42, description="seeds the synthetic source and training (initial weights, shuffles, the ranker's "
+        "cross-fitting halves): the same data and seed give the same models",
+    )
+    mlflow_experiment: str = Field("recflow", description="MLflow experiment the runs are logged to; made if missing")
+    synthetic: SyntheticConfig = Field(SyntheticConfig(), description="the built-in synthetic source")
+    validation: ValidationConfig = Field(ValidationConfig(), description="thresholds of the validation gate")
+    features: FeatureConfig = Field(FeatureConfig(), description="the time split, user sample and item content")
+    retrieval: RetrievalConfig = Field(RetrievalConfig(), description="the two-tower retrieval model and its training")
+    candidates: CandidateConfig = Field(CandidateConfig(), description="where each user's candidates come from")
+    ranking: RankingConfig = Field(RankingConfig(), description="the ranker that orders the candidates")
+    lists: ListConfig = Field(ListConfig(), description="how each user's final list is chosen")
+    privacy: PrivacyConfig = Field(PrivacyConfig(), description="opt-outs, pseudonymisation and retention")
 
     @field_validator("workspace")
     @classmethod

@@ -41,7 +41,7 @@ def source(tmp_path_factory) -> Path:
 
 def run(workspace: Path, source: Path, day: dt.date, **config) -> subprocess.CompletedProcess:
     path = workspace.parent / f"config-{day}.json"
-    # Lists of 10 with a new-item slot at rank 10, as the README advises for short lists: the
+    # Lists of 10 with a new-item slot at rank 10, as docs/lists.md advises for short lists: the
     # ranker seldom keeps a new item in the top 10 on its score alone (with row-sparse Adam it
     # kept none here), so the cold items must reach the users' two-tower candidates by content.
     settings = {"top_k": 10, "retrieval": {"max_epochs": 4}, "lists": {"new_items_from_rank": 10}}

@@ -1,0 +1,197 @@
+"""The benches' tables in the docs, written from their results files.
+
+Every bench writes its figures to `bench/results/*.json` and then calls `refresh()`, which
+renders each table from those files and replaces its block, between `<!-- NAME -->` and
+`<!-- /NAME -->`, in README.md (the short summaries), docs/quality.md and docs/performance.md.
+No table in the docs is kept true by hand: a test checks that every block is what the
+results files say.
+
+    python bench/doctables.py    (rewrite every block from bench/results/)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+OURS = "recflow (as written)"
+QUALITY_DATASETS = ["amazon-sports", "ml-latest-small", "synthetic"]  # the development datasets, in table order
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def quality_table(report: dict) -> str:
+    """One dataset's quality report, weakest to strongest, with recflow's ratio to the best baseline."""
+    results = report["results"]
+    best = _best_classical(results)
+    ours = results[OURS]
+    rows = ["| model | NDCG@10 | Recall@10 | coverage@10 | popularity ratio | seconds |", "|---|---|---|---|---|---|"]
+    for name, v in sorted(results.items(), key=lambda item: item[1]["ndcg"]):
+        seconds = f"{v['seconds']:.0f}" if "seconds" in v else "-"
+        bold = "**" if v is ours else ""
+        rows.append(f"| {bold}{name}{bold} | {bold}{v['ndcg']:.4f}{bold} | {bold}{v['recall']:.4f}{bold} | "
+                    f"{v['coverage']:.3f} | {v['popularity_ratio']:.2f} | {seconds} |")
+    rows.append(f"\nrecflow / best classical baseline: NDCG@10 {ours['ndcg'] / best[1]['ndcg']:.2f}x, "
+                f"Recall@10 {ours['recall'] / best[1]['recall']:.2f}x; {report['users_scored']} users, "
+                f"{report['hidden_events']} hidden events.")
+    return "\n".join(rows)
+
+
+def _best_classical(results: dict) -> tuple[str, dict]:
+    return max(((n, v) for n, v in results.items() if not n.startswith("recflow")), key=lambda nv: nv[1]["ndcg"])
+
+
+def quality_summary(reports: dict[str, dict]) -> str:
+    """One row per dataset: recflow's written lists against the best classical baseline of the same run."""
+    rows = ["| dataset | recflow NDCG@10 | best classical baseline (same run) | its NDCG@10 | ratio | coverage@10 |",
+            "|---|---|---|---|---|---|"]
+    for name, report in reports.items():
+        ours = report["results"][OURS]
+        baseline, best = _best_classical(report["results"])
+        rows.append(f"| {name} | **{ours['ndcg']:.4f}** | {baseline} | {best['ndcg']:.4f} | "
+                    f"{ours['ndcg'] / best['ndcg']:.2f}x | {ours['coverage']:.3f} |")
+    return "\n".join(rows)
+
+
+def beyond_tables(report: dict) -> str:
+    """Cold items ranked by retrieval against simple orders, and accuracy against diversity."""
+    cold = report["cold_start"]
+    rows = [f"New items: {cold['cold_items']} cold items, {cold['users_scored']} users scored; "
+            f"{cold['written_lists_with_a_cold_item']:.1%} of the written lists carry one "
+            f"({cold['cold_items_in_written_lists']} distinct).", "",
+            "| order of the cold items | Recall@10 | NDCG@10 |", "|---|---|---|"]
+    for name, v in sorted(cold["recall_among_cold_items"].items(), key=lambda item: item[1]["ndcg"]):
+        rows.append(f"| {name} | {v['recall']:.4f} | {v['ndcg']:.4f} |")
+    rows += ["", "| `lists.diversity` | NDCG@10 | Recall@10 | intra-list diversity | novelty (bits) | popularity bias |",
+             "|---|---|---|---|---|---|"]
+    for name, v in report["diversity"].items():
+        rows.append(f"| {name.split()[-1]} | {v['ndcg']:.4f} | {v['recall']:.4f} | {v['diversity']:.3f} | "
+                    f"{v['novelty']:.2f} | {v['popularity_bias']:.3f} |")
+    return "\n".join(rows)
+
+
+def speed_table(speed: dict) -> str:
+    """Training throughput, scoring and ranking, each against a reference of the same run."""
+    training, scoring = speed["training"], speed["scoring"]
+    ours, tutorial = training["recflow"], training["tfrs_tutorial"]
+    return "\n".join([
+        "| figure | measured | reference (same run) | ratio |", "|---|---|---|---|",
+        f"| retrieval training, examples/s (batch {ours['batch_size']}, dim {ours['embedding_dim']}) | "
+        f"{ours['examples_per_second']:,.0f}/s ({ours['step_ms']:.0f} ms/step; input {ours['input_time_share']:.1%} "
+        f"of a step) | TFRS basic-retrieval tutorial setup: {tutorial['examples_per_second']:,.0f}/s | "
+        f"{training['ratio']:.2f}x |",
+        f"| retrieval top-{scoring['top_n']} for every user ({scoring['shape']}), GFLOP/s | "
+        f"{scoring['retrieve_gflops']:.1f} ({scoring['peak_block_mib']:.0f} MiB of score blocks) | "
+        f"one numpy float32 product of the same shapes: {scoring['numpy_matmul_gflops']:.1f} | {scoring['ratio']:.2f}x |",
+        f"| same, against BLAS alone on the same blocks | {scoring['retrieve_gflops']:.1f} | "
+        f"{scoring['numpy_blocked_matmul_gflops']:.1f} | {scoring['ratio_to_blocked']:.2f}x |",
+        f"| ranker, candidate pairs/s (blocks of {speed['ranking']['block_pairs']:,}) | "
+        f"{speed['ranking']['pairs_per_second'] / 1e6:.1f}M/s | - | - |",
+    ])
+
+
+def rerun_table(rerun: dict) -> str:
+    """A first run and a rerun of the same date, against the TFRS tutorial model's training."""
+    stages = ", ".join(f"{name} {share:.0%}" for name, share in
+                       sorted(rerun["first_run_stage_share"].items(), key=lambda item: -item[1]) if share >= 0.02)
+    return "\n".join([
+        "| figure | measured | reference (same run) | ratio |", "|---|---|---|---|",
+        f"| `recflow run`, first run of a date | {rerun['first_run_s']:.0f} s (stages: {stages}; "
+        f"{rerun['first_run_non_stage_share']:.0%} outside any stage) | TFRS tutorial model's training, notebook "
+        f"settings: {rerun['tutorial_training_s']:.0f} s | {rerun['first_run_to_tutorial']:.2f}x |",
+        f"| rerun of the same date, unchanged input | {rerun['rerun_s']:.1f} s, "
+        f"{'byte-identical' if rerun['identical_output'] else 'DIFFERENT'} output | first run | {rerun['ratio']:.2f}x |",
+    ])
+
+
+def scale_table(scale: dict, training: dict | None) -> str:
+    """Whole runs on growing synthetic data, and a training step's cost as the vocabulary grows."""
+    rows = ["| size | interactions | wall time | peak RSS | largest stages | s per M events vs the first size |",
+            "|---|---|---|---|---|---|"]
+    for run in scale["runs"]:
+        stages = sorted(((n, s) for n, s in run["stage_s"].items() if n != "total"), key=lambda item: -item[1])
+        largest = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages[:4])
+        rows.append(f"| {run['size']} ({run['synthetic']['n_users']:,} users, {run['synthetic']['n_items']:,} items) | "
+                    f"{run['interactions']:,} | {run['wall_s']:.0f} s | {run['peak_rss_gb']:.1f} GB | {largest} | "
+                    f"{run['s_per_million_vs_first']:.2f} |")
+    if training:
+        rows += ["", f"| training step (batch {training['batch_size']}, median of {training['rounds']} rounds of "
+                 f"{training['steps']}) | size | user-id table | step |", "|---|---|---|---|"]
+        for run in training["runs"]:
+            rows.append(f"| {run['optimiser']} | {run['size']} | {'yes' if run['user_embedding'] else 'no'} | "
+                        f"{run['step_ms']:.1f} ms |")
+    return "\n".join(rows)
+
+
+def speed_summary(speed: dict | None, rerun: dict | None, scale: dict | None) -> str:
+    rows = ["| figure | measured | ratio to the same run's reference |", "|---|---|---|"]
+    if rerun:
+        rows.append(f"| `recflow run` on ml-latest-small, first run | {rerun['first_run_s']:.0f} s | "
+                    f"{rerun['first_run_to_tutorial']:.2f}x the TFRS tutorial model's training |")
+        rows.append(f"| rerun of the same date | {rerun['rerun_s']:.1f} s | {rerun['ratio']:.2f}x the first run |")
+    if speed:
+        rows.append(f"| retrieval training | {speed['training']['recflow']['examples_per_second']:,.0f} examples/s | "
+                    f"{speed['training']['ratio']:.2f}x the TFRS tutorial setup |")
+    if scale:
+        for run in scale["runs"]:
+            rows.append(f"| synthetic {run['size']} interactions, whole run | {run['wall_s'] / 60:.0f} min, "
+                        f"{run['peak_rss_gb']:.1f} GB | {run['s_per_million_vs_first']:.2f}x the first size's s/M |")
+    return "\n".join(rows)
+
+
+def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
+    """Every block the benches own: (file, block name) -> its markdown, from the results files."""
+    quality = {name: report for name in QUALITY_DATASETS if (report := _load(results, f"quality-{name}.json"))}
+    speed, rerun = _load(results, "speed.json"), _load(results, "rerun.json")
+    scale, training = _load(results, "scale.json"), _load(results, "scale-training.json")
+    beyond = _load(results, "beyond-ml-latest-small.json")
+    out = {(ROOT / "docs" / "quality.md", f"quality:{name}"): quality_table(report) for name, report in quality.items()}
+    out[(ROOT / "README.md", "summary:quality")] = quality_summary(quality)
+    out[(ROOT / "README.md", "summary:speed")] = speed_summary(speed, rerun, scale)
+    if beyond:
+        out[(ROOT / "docs" / "quality.md", "beyond:ml-latest-small")] = beyond_tables(beyond)
+    if speed:
+        out[(ROOT / "docs" / "performance.md", "speed")] = speed_table(speed)
+    if rerun:
+        out[(ROOT / "docs" / "performance.md", "rerun")] = rerun_table(rerun)
+    if scale:
+        out[(ROOT / "docs" / "performance.md", "scale")] = scale_table(scale, training)
+    return out
+
+
+def block(document: str, name: str) -> str | None:
+    """The text between `<!-- name -->` and `<!-- /name -->`, or None when the document has no such block."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if begin not in document or end not in document.split(begin, 1)[1]:
+        return None
+    return document.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def replace_block(document: str, name: str, text: str) -> str:
+    if block(document, name) is None:
+        raise ValueError(f"no '<!-- {name} -->' block to write the table into")
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    head, rest = document.split(begin, 1)
+    return f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}"
+
+
+def refresh(results: Path = RESULTS) -> None:
+    """Rewrite every bench table in the docs from the results files."""
+    for (path, name), text in blocks(results).items():
+        path.write_text(replace_block(path.read_text(), name, text))
+
+
+def after_writing(results_file: Path) -> None:
+    """Called by a bench that just wrote `results_file`: the docs follow when it is one of bench/results/."""
+    if results_file.resolve().parent == RESULTS:
+        refresh()
+
+
+if __name__ == "__main__":
+    refresh()
+    print("tables rewritten from", RESULTS)
