@@ -128,6 +128,16 @@ def scale_table(scale: dict, training: dict | None) -> str:
     return "\n".join(rows)
 
 
+def rules_table(rules: dict) -> str:
+    """The score stage's work with and without the business rules, same features and models."""
+    rows = [f"{rules['size']} ({rules['users']:,} users, {rules['items']:,} items; the night's rules: "
+            f"{rules['unservable_items']} unservable items, {rules['exclusions']} exclusions), median of "
+            f"{rules['rounds']} rounds:", "", "| scoring | seconds | ratio to no rules |", "|---|---|---|"]
+    rows += [f"| {name} | {seconds:.1f} | {rules['ratio_to_no_rules'][name]:.3f}x |"
+             for name, seconds in rules["score_s"].items()]
+    return "\n".join(rows)
+
+
 def speed_summary(speed: dict | None, rerun: dict | None, scale: dict | None) -> str:
     rows = ["| figure | measured | ratio to the same run's reference |", "|---|---|---|"]
     if rerun:
@@ -149,6 +159,7 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
     quality = {name: report for name in QUALITY_DATASETS if (report := _load(results, f"quality-{name}.json"))}
     speed, rerun = _load(results, "speed.json"), _load(results, "rerun.json")
     scale, training = _load(results, "scale.json"), _load(results, "scale-training.json")
+    rules = _load(results, "scale-rules.json")
     beyond = _load(results, "beyond-ml-latest-small.json")
     out = {(ROOT / "docs" / "quality.md", f"quality:{name}"): quality_table(report) for name, report in quality.items()}
     out[(ROOT / "README.md", "summary:quality")] = quality_summary(quality)
@@ -161,6 +172,8 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
         out[(ROOT / "docs" / "performance.md", "rerun")] = rerun_table(rerun)
     if scale:
         out[(ROOT / "docs" / "performance.md", "scale")] = scale_table(scale, training)
+    if rules:
+        out[(ROOT / "docs" / "performance.md", "rules")] = rules_table(rules)
     return out
 
 

@@ -14,6 +14,14 @@ embedding. Target: a step at 10M within 1.3x of a step at 1M.
     python bench/scale.py                 # 1M, 3M and 10M
     python bench/scale.py --sizes 1M,10M  # some sizes
     python bench/scale.py --training      # step times (about 6 minutes)
+    python bench/scale.py --rules         # what the business rules cost scoring at 1M (about 6 minutes)
+
+`--rules` measures what the business rules (docs/lists.md) add to scoring: a real run at 1M
+(the synthetic source's rules: discontinued and upcoming items, exclusions; one training
+epoch, since training is not what is measured), then the score stage's work (the shared
+similarity, then every user's list) on its features and models three ways, taking turns in
+one process: without any rule (every item servable, no exclusion), with the night's rules,
+and with the rules and `lists.max_per_category: 3`. Target: rules at most 1.05x.
 """
 
 from __future__ import annotations
@@ -121,6 +129,49 @@ def training_steps(sizes: list[str], steps: int = 40, rounds: int = 5) -> dict:
             f"step_{last}_vs_{first}": growth, "target": 1.3}
 
 
+def rules_cost(size: str = "1M", rounds: int = 3) -> dict:
+    """Seconds of the score stage's work without rules, with the night's rules, and with a
+    category cap too, on one run's features and models (see the module docstring)."""
+    import dataclasses
+
+    import polars as pl
+
+    from schemas.config import ListConfig
+    from schemas.tables import ModelDir
+    from tasks.features import EXCLUSIONS, load_features
+    from tasks.lists import history_similarity, recommend
+
+    with tempfile.TemporaryDirectory() as scratch:
+        workspace, config = Path(scratch) / "ws", Path(scratch) / "rules.json"
+        config.write_text(json.dumps({"synthetic": SIZES[size], "top_k": 20, "retrieval": {"max_epochs": 1},
+                                      "ranking": {"max_epochs": 1}}))
+        subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--run-date", RUN_DATE,
+                        "--workspace", str(workspace)], cwd=ROOT, check=True, capture_output=True)
+        features = load_features(next((workspace / "features").glob("run_date=*")))
+        manifest = json.loads(next((workspace / "recommendations").glob("run_date=*/_manifest.json")).read_text())
+        run_key = next(path.parent.name for path in (workspace / "models").glob("*/settings.json"))
+        models = ModelDir(path=workspace / "models" / run_key)
+        no_rules = dataclasses.replace(features, items=features.items.with_columns(servable=pl.lit(True)),
+                                       exclusions=pl.DataFrame(schema=EXCLUSIONS))
+        variants = {"no rules": (no_rules, ListConfig()), "the night's rules": (features, ListConfig()),
+                    "rules and max_per_category 3": (features, ListConfig(max_per_category=3))}
+        users = np.arange(1, features.n_users + 1)
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, (loaded, lists) in variants.items():
+                started = time.perf_counter()
+                recommend(models, loaded, users, loaded.events, 20, history_similarity(models, loaded, loaded.events),
+                          lists)
+                seconds[name].append(time.perf_counter() - started)
+        median = {name: float(np.median(values)) for name, values in seconds.items()}
+        return {"machine": _machine(), "size": size, "users": features.n_users, "items": features.n_items,
+                "unservable_items": int((~features.servable[1:]).sum()), "exclusions": features.exclusions.height,
+                "users_filled": manifest.get("users_filled"), "rounds": rounds,
+                "score_s": {name: round(value, 2) for name, value in median.items()},
+                "ratio_to_no_rules": {name: round(value / median["no rules"], 3) for name, value in median.items()},
+                "target": 1.05}
+
+
 def _interactions(workspace: Path) -> int:
     import polars as pl
 
@@ -133,11 +184,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="1M,3M,10M", help="comma-separated, of " + ", ".join(SIZES))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--training", action="store_true", help="time training steps at 1M and 10M instead")
+    parser.add_argument("--rules", action="store_true", help="time scoring with and without business rules at 1M")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size in this process
     args = parser.parse_args()
     if args.training:
         report = training_steps(["1M", "10M"])
         out = args.out.with_name("scale-training.json")
+        out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        doctables.after_writing(out)
+        return
+    if args.rules:
+        report = rules_cost()
+        out = args.out.with_name("scale-rules.json")
         out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         doctables.after_writing(out)

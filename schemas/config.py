@@ -35,6 +35,22 @@ class SyntheticConfig(_Section):
     events_per_user: int = Field(60, ge=5, description="mean events per user")
     n_categories: int = Field(16, ge=1, description="item categories; each cluster's items mostly take two of them")
     days: int = Field(365, ge=1, description="history length in days, ending the day before the run date")
+    discontinued_share: float = Field(
+        0.03, ge=0, le=1,
+        description="share of items discontinued during the history (available_until a seeded day of the window, "
+        "no events after it): the business rules keep them out of every list",
+    )
+    upcoming_share: float = Field(
+        0.02, ge=0, le=1,
+        description="share of items launching after the run date (available_from a seeded day of the next 30, "
+        "no events yet): in the catalogue, in no list until they launch",
+    )
+    exclusions: int = Field(
+        30, ge=0,
+        description="(user, item) pairs of the synthetic exclusions table (never to recommend: hidden, returned), "
+        "items drawn by popularity, half of them until two days after the run date; when above 0, one seeded "
+        "item is also excluded for everyone",
+    )
 
 
 class ValidationConfig(_Section):
@@ -202,6 +218,11 @@ class ListConfig(_Section):
         11, ge=1,
         description="new-item slots go no higher than this rank: the top of a list stays the model's best "
         "(so a list of 10 gets none unless this is lowered)",
+    )
+    max_per_category: int | None = Field(
+        None, ge=1,
+        description="at most this many items sharing a category in one list (a merchandising rule, applied after "
+        "ranking, with diversity and new-item slots); items without categories are not capped; default: no cap",
     )
 
 

@@ -1,9 +1,14 @@
-"""Row rules: what every interaction row must satisfy, written once.
+"""Rules, each written once: what every interaction row must satisfy, and what the business
+allows a list to show.
 
-Two things are built from this table, so they can never disagree: the Great Expectations
-suite of the validation gate (schemas/suites.py, one expectation per rule) and ingestion's
-bad-row filter (with `validation.max_bad_row_fraction` above 0, rows that break a rule are
-quarantined with the rule's reason instead of failing the run).
+Row rules: two things are built from this table, so they can never disagree: the Great
+Expectations suite of the validation gate (schemas/suites.py, one expectation per rule) and
+ingestion's bad-row filter (with `validation.max_bad_row_fraction` above 0, rows that break a
+rule are quarantined with the rule's reason instead of failing the run).
+
+Business rules (docs/lists.md, "Business rules"): which items are servable and which
+exclusions hold on a run date. The features stage evaluates them once per night; every list
+is then drawn through tasks/lists.py, which applies them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Literal
 import polars as pl
 
 from schemas.config import ValidationConfig
+from schemas.tables import AVAILABILITY
 
 Check = Literal["not_null", "not_blank", "between", "in_items"]
 
@@ -65,3 +71,35 @@ def row_rules(cfg: ValidationConfig, run_date: dt.date, has_items: bool) -> list
     if has_items:
         rules.append(RowRule("item_id", "in_items", "item not in the items table"))
     return rules
+
+
+def serving_moment(run_date: dt.date) -> int:
+    """The moment a run's lists start being served: the end of its run date (unix seconds,
+    UTC). The business rules are evaluated at this moment."""
+    return end_of_day(run_date) + 1
+
+
+def servable(moment: int) -> pl.Expr:
+    """True for the items of an items table (AVAILABILITY columns, each optional and null =
+    no limit) that may be shown at `moment`: available, and available_from <= moment <
+    available_until."""
+    return (pl.col("available").fill_null(True)
+            & (pl.col("available_from").fill_null(moment) <= moment)
+            & (pl.col("available_until").is_null() | (moment < pl.col("available_until"))))
+
+
+def in_force(moment: int) -> pl.Expr:
+    """True for the rows of an exclusions table that hold at `moment` (null `until`: for good)."""
+    return pl.col("until").is_null() | (moment < pl.col("until"))
+
+
+def servable_catalogue(catalogue: pl.DataFrame, exclusions: pl.DataFrame | None, moment: int) -> pl.DataFrame:
+    """(item_id, servable) for every item of `catalogue` (an items table, its AVAILABILITY
+    columns optional): servable at `moment` by its availability, and not excluded for everyone
+    by an exclusion in force then (a null user_id)."""
+    missing = [pl.lit(None, dtype).alias(name) for name, dtype in AVAILABILITY.items() if name not in catalogue.columns]
+    flags = catalogue.with_columns(missing).select("item_id", servable(moment).alias("servable"))
+    if exclusions is not None:
+        everyone = exclusions.filter(in_force(moment) & pl.col("user_id").is_null())["item_id"].implode()
+        flags = flags.with_columns(pl.col("servable") & ~pl.col("item_id").is_in(everyone))
+    return flags

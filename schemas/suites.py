@@ -60,6 +60,28 @@ def items_suite() -> gx.ExpectationSuite:
     )
 
 
+def catalogue_suite(run_date: dt.date) -> gx.ExpectationSuite:
+    """Something may be shown tonight: at least one item of the catalogue is servable
+    (`servable`, 0 or 1 per item, from schemas/rules.py)."""
+    return gx.ExpectationSuite(name="catalogue", expectations=[gxe.ExpectColumnMaxToBeBetween(
+        column="servable", min_value=1,
+        meta={"check": f"no item is servable on {run_date} (available, inside its available_from/available_until "
+                       "window and not excluded for everyone)"},
+    )])
+
+
+def exclusions_suite() -> gx.ExpectationSuite:
+    """Each exclusion names an item (an empty user_id means every user)."""
+    return gx.ExpectationSuite(
+        name="exclusions",
+        expectations=[
+            gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
+            gxe.ExpectColumnValuesToMatchRegex(column="item_id", regex=NON_EMPTY),
+            gxe.ExpectColumnValuesToBeBetween(column="until", min_value=0),
+        ],
+    )
+
+
 def _expectation(rule: RowRule, item_ids: list[str] | None):
     if rule.check == "not_null":
         return gxe.ExpectColumnValuesToNotBeNull(column=rule.column)

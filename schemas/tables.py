@@ -26,6 +26,11 @@ INTERACTIONS = pl.Schema(
 )
 INTERACTIONS_REQUIRED = ("user_id", "item_id", "timestamp")
 ITEMS = pl.Schema({"item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String)})
+# Optional columns of the items table: when an item may be shown (docs/lists.md, "Business rules").
+AVAILABILITY = pl.Schema({"available": pl.Boolean, "available_from": pl.Int64, "available_until": pl.Int64})
+# Pairs never to recommend (exclusions.*, optional): a null user_id excludes the item for everyone;
+# a pair holds until `until` (unix seconds, UTC), or for good when it is null.
+EXCLUSIONS = pl.Schema({"user_id": pl.String, "item_id": pl.String, "until": pl.Int64})
 
 # Feature tables (features/run_date=.../). Index 0 is padding / unknown in both vocabularies.
 SPLITS = ("fit", "valid", "test")
@@ -57,7 +62,7 @@ FALLBACK = pl.Schema(
         "category": pl.String,
         "rank": pl.Int32,
         "item_id": pl.String,
-        "score": pl.Float32,  # time-decayed event count
+        "score": pl.Float32,  # log2 of the time-decayed event count (tasks/featurize.py)
     }
 )
 
@@ -130,6 +135,11 @@ class Snapshot(StageRecord):
     @property
     def items(self) -> Path:
         return self.path / "items.parquet"
+
+    @property
+    def exclusions(self) -> Path:
+        """Pairs never to recommend (EXCLUSIONS); present only when the source has them."""
+        return self.path / "exclusions.parquet"
 
     @property
     def rejected(self) -> Path:
@@ -325,15 +335,17 @@ class ScoringJob(StageRecord):
 class ScoredShard(StageRecord):
     shard: int
     rows: int
+    users_filled: int = 0  # lists the business rules left short, filled from the fallback order
 
 
 class PublishedTable(StageRecord):
     path: Path
     rows: int
     users: int
+    users_filled: int = 0  # users whose list was filled from the fallback order (tasks/lists.py)
 
     def run_metrics(self) -> dict[str, float]:
-        return {"output_rows": self.rows, "output_users": self.users}
+        return {"output_rows": self.rows, "output_users": self.users, "output_users_filled": self.users_filled}
 
 
 class Catalogue(StageRecord):

@@ -60,21 +60,24 @@ def generate(
     activity: np.ndarray,
     sources: CandidateSources,
     at_least: int = 0,
+    allowed: np.ndarray | None = None,
 ) -> Candidates:
     """Candidates for the users whose query embeddings are `queries`.
 
     `recent` (users, L) holds each user's latest items, newest first (model indices, 0 =
     padding); `similarity` is the item-item co-occurrence similarity (`item_similarity`) of
     the events that form those histories; `exclude` holds (row, item) pairs never to
-    propose (what the user has already seen); `activity` is each user's number of events.
-    The two-tower proposes at least `at_least` items (a list of K needs K candidates).
+    propose (what the user has already seen, what the business excludes for them);
+    `allowed` (a mask over the items; None = all) the only items either source may propose
+    (tonight's servable items); `activity` is each user's number of events. The two-tower
+    proposes at least `at_least` items (a list of K needs K candidates).
     """
     n_two_tower = max(sources.two_tower, at_least)
     size = max(16, BLOCK_SCORES // item_embeddings.shape[0])  # users per block: dense scores stay ~32 MiB
     blocks = [
         _block(queries[start : start + size], item_embeddings, recent[start : start + size], similarity,
                _rows_between(exclude, start, start + size), item_popularity, activity[start : start + size],
-               n_two_tower, sources)
+               n_two_tower, sources, allowed)
         for start in range(0, queries.shape[0], size)
     ]
     if not blocks:
@@ -112,12 +115,14 @@ def covisited(similarity: sp.csr_matrix, recent: np.ndarray, exclude: tuple[np.n
 
 
 def _block(queries, item_embeddings, recent, similarity, exclude, item_popularity, activity, n_two_tower,
-           sources: CandidateSources) -> tuple[np.ndarray, ...]:
+           sources: CandidateSources, allowed: np.ndarray | None) -> tuple[np.ndarray, ...]:
     users = np.arange(queries.shape[0])[:, None]
-    tower_items, tower_scores = retrieve(queries, item_embeddings, exclude, n_two_tower)
+    tower_items, tower_scores = retrieve(queries, item_embeddings, exclude, n_two_tower, allowed=allowed)
     scores = covisitation(similarity, recent, sources.half_life)
     covisited = scores.copy()
     covisited[:, 0] = -np.inf
+    if allowed is not None:
+        covisited[:, ~allowed] = -np.inf
     covisited[exclude] = -np.inf
     covisited[users, tower_items] = -np.inf
     covisit_items = _top(covisited, min(sources.covisitation, max(covisited.shape[1] - 1, 0)))

@@ -5,12 +5,12 @@ what to serve a user the run does not know (a new visitor, a user who arrived af
 run): the items most popular lately, overall and within each category, for when the app
 knows nothing or only which category the user is browsing. `similar_items/` is "more like
 this": each item's nearest items by the scoring model's candidate tower, whose content
-features place an item that nobody has interacted with yet next to items like it.
+features place an item that nobody has interacted with yet next to items like it. Both hold
+only the items tonight's business rules let a list show (docs/lists.md, "Business rules").
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 import numpy as np
@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 def publish_catalogue(run: Run, snapshot: Snapshot, features: FeatureSet, decision: ChampionDecision) -> Catalogue:
     """Write tonight's fallback/ and similar_items/ partitions, each whole or not at all."""
     cfg = run.config
-    similar = similar_items(decision.models, load_features(features.path), cfg.similar_items)
+    loaded = load_features(features.path)
+    similar = similar_items(decision.models, loaded, cfg.similar_items)
     tables = {
-        "fallback": (fallback_lists(snapshot, run.run_date, cfg.top_k, cfg.popularity_half_life_days), FALLBACK),
+        "fallback": (fallback_lists(loaded, snapshot, cfg.top_k), FALLBACK),
         "similar_items": (similar.with_columns(pl.lit(decision.model_version).alias("model_version"),
                                                pl.lit(decision.mlflow_run_id).alias("mlflow_run_id")), SIMILAR_ITEMS),
     }
@@ -46,19 +47,14 @@ def publish_catalogue(run: Run, snapshot: Snapshot, features: FeatureSet, decisi
     return published
 
 
-def fallback_lists(snapshot: Snapshot, run_date: dt.date, k: int, half_life_days: float) -> pl.DataFrame:
-    """The `k` items with the most recent popularity, overall (category null) and per
-    category. An event counts 1 at the end of the run date and half as much every
-    `half_life_days` before it."""
-    end = dt.datetime.combine(run_date + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()
-    age_days = (pl.lit(end) - pl.col("timestamp")) / 86_400
-    scores = (
-        pl.read_parquet(snapshot.interactions, columns=["item_id", "timestamp"])
-        .group_by("item_id")
-        .agg((0.5 ** (age_days / half_life_days)).sum().alias("score"))
-    )
-    overall = scores.with_columns(pl.lit(None, pl.String).alias("category"))
-    lists = [overall]
+def fallback_lists(features: Features, snapshot: Snapshot, k: int) -> pl.DataFrame:
+    """The `k` servable items with the most recent popularity, overall (category null) and
+    per category, scored by `recent_popularity` (tasks/featurize.py: log2 of the events, each
+    counting 1 when the lists go out and half as much every `popularity_half_life_days`
+    before)."""
+    scores = (features.items.filter(pl.col("servable") & pl.col("recent_popularity").is_not_null())
+              .select("item_id", pl.col("recent_popularity").alias("score")))
+    lists = [scores.with_columns(pl.lit(None, pl.String).alias("category"))]
     if snapshot.has_items:
         categories = pl.read_parquet(snapshot.items, columns=["item_id", "categories"]).explode("categories")
         lists.append(scores.join(categories.drop_nulls("categories").rename({"categories": "category"}), on="item_id"))
@@ -75,13 +71,17 @@ def fallback_lists(snapshot: Snapshot, run_date: dt.date, k: int, half_life_days
 
 def similar_items(models: ModelDir, features: Features, k: int) -> pl.DataFrame:
     """Each item of tonight's catalogue that the models know, with its `k` nearest such
-    items by cosine similarity of the candidate tower's embeddings."""
+    items that are servable tonight, by cosine similarity of the candidate tower's
+    embeddings (an item that may not be shown still has its neighbours: its page may stay
+    up)."""
     model_idx = model_item_map(models, features)
     known = np.flatnonzero(model_idx[1:] > 0)
     embeddings = RetrievalBundle.load(models).item_embeddings[model_idx[1:][known]]
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     rows = np.arange(known.size)
-    top, scores = retrieve(unit, np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit]), (rows, rows + 1), k)
+    servable = np.concatenate([[False], features.servable[1:][known]])
+    top, scores = retrieve(unit, np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit]), (rows, rows + 1), k,
+                           allowed=None if servable[1:].all() else servable)
     ids = features.items["item_id"].to_numpy()[known]
     width = top.shape[1]
     table = pl.DataFrame(

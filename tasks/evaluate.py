@@ -21,7 +21,7 @@ from schemas.tables import ChampionDecision, FeatureSet, ModelDir, ModelSet
 from tasks import privacy, tracking
 from tasks.features import Features, load_features, user_histories
 from tasks.inference import RetrievalBundle, as_table, candidate_settings, retrieve, rows_of
-from tasks.lists import recommend
+from tasks.lists import recommend, servable_items
 from tasks.metrics import list_metrics, ranking_metrics
 from tasks.stage import stage
 from tasks.workspace import stage_key, write_json
@@ -128,19 +128,28 @@ def heldout_metrics(
 
 
 def popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF) -> pl.DataFrame:
+    """The baseline's lists, under tonight's business rules like every list."""
     counts = np.bincount(visible["item_idx"].to_numpy(), minlength=features.n_items + 1).astype(np.float32)
-    exclude = rows_of(users, visible)
-    top, _ = retrieve(np.ones((users.size, 1), np.float32), counts[:, None], exclude, k)
+    allowed = servable_items(features, np.arange(features.n_items + 1), features.n_items + 1)
+    top, _ = retrieve(np.ones((users.size, 1), np.float32), counts[:, None], _blocked(users, visible, features), k,
+                      allowed=allowed)
     return as_table(users, top)
 
 
 def retrieval_lists(
     models: ModelDir, features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF
 ) -> pl.DataFrame:
+    """Tonight's two-tower model alone, under tonight's business rules."""
     bundle = RetrievalBundle.load(models)
     history = user_histories(visible, features.n_users, bundle.history_length)[users]
-    top, _ = bundle.retrieve(users.astype(np.int32), history, rows_of(users, visible), k)
+    allowed = servable_items(features, np.arange(features.n_items + 1), bundle.item_embeddings.shape[0])
+    top, _ = bundle.retrieve(users.astype(np.int32), history, _blocked(users, visible, features), k, allowed=allowed)
     return as_table(users, top)
+
+
+def _blocked(users: np.ndarray, visible: pl.DataFrame, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """(row in `users`, item) pairs no list may hold: what the user has seen, and tonight's exclusions."""
+    return rows_of(users, pl.concat([visible.select("user_idx", "item_idx"), features.exclusions], how="vertical_relaxed"))
 
 
 def model_lists(

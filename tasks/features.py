@@ -8,7 +8,7 @@ sequences the query tower reads; nothing loops over rows in Python.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,8 @@ import polars as pl
 from schemas.tables import ModelDir
 
 MAX_CATEGORIES = 8  # categories kept per item
+# exclusions.parquet of a feature set: the (user, item) pairs in force tonight (schemas/rules.py).
+EXCLUSIONS = pl.Schema({"user_idx": pl.Int32, "item_idx": pl.Int32})
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,25 @@ class Features:
     item_categories: np.ndarray  # (n_items + 1, MAX_CATEGORIES), 0 = padding
     item_title: np.ndarray  # (n_items + 1, max_title_tokens)
     item_popularity: np.ndarray  # (n_items + 1,), events in the fit split
+    exclusions: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EXCLUSIONS))  # never to list tonight
 
     @property
     def n_users(self) -> int:
         return self.users.height
+
+    @property
+    def servable(self) -> np.ndarray:
+        """(n_items + 1,) bool: the items tonight's lists may show (row 0, padding, never)."""
+        flags = self.items["servable"].to_numpy() if "servable" in self.items.columns else np.ones(self.n_items, bool)
+        return np.concatenate([[False], flags])
+
+    def fallback_order(self) -> np.ndarray:
+        """Tonight's servable items (item_idx), most popular lately first: what fills a list
+        the rules left short, as the fallback table lists them."""
+        items = self.items.filter(pl.col("servable")) if "servable" in self.items.columns else self.items
+        if "recent_popularity" in items.columns:
+            items = items.sort("recent_popularity", "item_id", descending=[True, False], nulls_last=True)
+        return items["item_idx"].to_numpy()
 
     @property
     def n_items(self) -> int:
@@ -44,6 +61,8 @@ class Features:
 
 
 def load_features(path: Path) -> Features:
+    """A feature set written by the features stage (one an earlier recflow wrote, without
+    business rules, loads with every item servable and no exclusion)."""
     items = pl.read_parquet(path / "items.parquet")
     events = pl.read_parquet(path / "events.parquet")
     fit = events.filter(pl.col("split") == "fit")
@@ -55,6 +74,8 @@ def load_features(path: Path) -> Features:
         item_categories=padded(items["categories_idx"], MAX_CATEGORIES),
         item_title=padded(items["title_idx"], max(1, int(items["title_idx"].list.len().max() or 1))),
         item_popularity=popularity,
+        exclusions=pl.read_parquet(path / "exclusions.parquet") if (path / "exclusions.parquet").exists()
+        else pl.DataFrame(schema=EXCLUSIONS),
     )
 
 

@@ -3,8 +3,11 @@
 Third stage of the nightly DAG, after validation. It maps string ids onto contiguous
 indices (0 is padding / unknown), splits each user's events by time into `fit` (training),
 `valid` (early stopping, ranker training) and `test` (the pipeline's own evaluation), and
-turns titles and categories into token indices for the candidate tower. Later stages load
-the result with `tasks.features.load_features`.
+turns titles and categories into token indices for the candidate tower. It also evaluates
+tonight's business rules (schemas/rules.py) once: which items are servable when the lists go
+out, and which (user, item) exclusions hold then, and each item's recent popularity, the
+order of the fallback lists. Later stages load the result with
+`tasks.features.load_features`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import numpy as np
 import polars as pl
 
 from schemas.config import FeatureConfig, Run
+from schemas.rules import in_force, servable_catalogue, serving_moment
 from schemas.tables import EVENTS, SPLITS, FeatureSet, Snapshot
-from tasks.features import MAX_CATEGORIES
+from tasks.features import EXCLUSIONS, MAX_CATEGORIES
 from tasks.stage import stage
 from tasks.workspace import publish_dir, reuse, stage_key, stamp, temp_dir, write_parquet
 
@@ -27,7 +31,7 @@ def build_features(run: Run, snapshot: Snapshot) -> FeatureSet:
     """Write features/run_date=.../ from a validated snapshot (or reuse what an earlier run
     wrote there from the same snapshot and `features` config)."""
     cfg = run.config.features
-    key = stage_key("features", snapshot.key, cfg)
+    key = stage_key("features", snapshot.key, cfg, run.config.popularity_half_life_days)
     if (found := reuse(run.partition("features"), key, FeatureSet)) is not None:
         return found
     interactions = (
@@ -46,11 +50,24 @@ def build_features(run: Run, snapshot: Snapshot) -> FeatureSet:
     )
     users = users.with_columns(pl.Series("in_sample", _sample(users.height, cfg.sample_users)))
     items = _item_vocabulary(interactions, items_table, cfg)
+    moment = serving_moment(run.run_date)
+    exclusions = pl.read_parquet(snapshot.exclusions).filter(in_force(moment)) if snapshot.exclusions.exists() else None
+    catalogue = items.select("item_id").join(items_table, on="item_id", how="left") if items_table is not None else items
+    items = items.join(servable_catalogue(catalogue, exclusions, moment), on="item_id", how="left").join(
+        _recent_popularity(snapshot, moment, run.config.popularity_half_life_days), on="item_id", how="left"
+    ).sort("item_idx")
     events = _split(interactions, users, items, cfg)
     staged = temp_dir(run.workspace, "features")
     write_parquet(users, staged / "users.parquet")
     write_parquet(items, staged / "items.parquet")
     write_parquet(events, staged / "events.parquet")
+    if exclusions is not None:
+        pairs = exclusions.drop_nulls("user_id").join(users.select("user_id", "user_idx"), on="user_id").join(
+            items.select("item_id", "item_idx"), on="item_id")
+        write_parquet(pairs.select(EXCLUSIONS.names()).unique().sort(EXCLUSIONS.names()).cast(dict(EXCLUSIONS)),
+                      staged / "exclusions.parquet")
+    log.info("features: %d of %d items servable on %s, %d exclusion(s) in force", items["servable"].sum(),
+             items.height, run.run_date, 0 if exclusions is None else exclusions.height)
     split_sizes = {name: int(events.filter(pl.col("split") == name).height) for name in SPLITS}
     feature_set = FeatureSet(
         key=key,
@@ -65,6 +82,20 @@ def build_features(run: Run, snapshot: Snapshot) -> FeatureSet:
     publish_dir(staged, feature_set.path)
     log.info("features: %d users, %d items, split %s", feature_set.n_users, feature_set.n_items, split_sizes)
     return feature_set
+
+
+def _recent_popularity(snapshot: Snapshot, moment: int, half_life_days: float) -> pl.DataFrame:
+    """(item_id, recent_popularity): log2 of the item's events, each counting 1 at `moment`
+    and half as much every `half_life_days` before it. Summed in log space, so it stays
+    ordered however old the data (the counts themselves would underflow to 0)."""
+    halvings = -(pl.lit(moment) - pl.col("timestamp")) / (86_400 * half_life_days)
+    return (
+        pl.read_parquet(snapshot.interactions, columns=["item_id", "timestamp"])
+        .with_columns(halvings.alias("halvings"))
+        .group_by("item_id")
+        .agg((pl.col("halvings").max() + (2 ** (pl.col("halvings") - pl.col("halvings").max())).sum().log(2))
+             .alias("recent_popularity"))
+    )
 
 
 def _sample(n: int, size: int) -> np.ndarray:

@@ -37,11 +37,14 @@ def retrieve(
     exclude: tuple[np.ndarray, np.ndarray],
     n: int,
     block: int | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-`n` items for each query row, in blocks of `block` rows.
 
     `item_embeddings` row 0 is the padding item and is never returned; `exclude` holds
-    (row, item) pairs that must not be returned (items the user already interacted with).
+    (row, item) pairs that must not be returned (items the user already interacted with);
+    `allowed` (a mask over the items; None = all) the only items that may be returned.
+    Where fewer items qualify than `n`, the rest of a row scores -inf.
     Memory stays bounded whatever the sizes: by default a block holds about BLOCK_SCORES
     scores, and two threads score blocks side by side (BLAS and numpy's partition
     release the GIL). BLAS itself is set to one thread, for this whole process: scores
@@ -63,6 +66,8 @@ def retrieve(
         stop = min(start + block, queries.shape[0])
         scores = queries[start:stop] @ item_embeddings.T
         scores[:, 0] = -np.inf
+        if allowed is not None:
+            scores[:, ~allowed] = -np.inf
         low, high = np.searchsorted(rows, [start, stop])
         scores[rows[low:high] - start, items[low:high]] = -np.inf
         part = np.argpartition(scores, -n, axis=1)[:, -n:]
@@ -118,9 +123,10 @@ class RetrievalBundle:
         return np.concatenate(parts) if parts else np.zeros((0, self.item_embeddings.shape[1]), np.float32)
 
     def retrieve(
-        self, user_idx: np.ndarray, history: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], n: int
+        self, user_idx: np.ndarray, history: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], n: int,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        return retrieve(self.queries(user_idx, history), self.item_embeddings, exclude, n)
+        return retrieve(self.queries(user_idx, history), self.item_embeddings, exclude, n, allowed=allowed)
 
 
 def rows_of(users: np.ndarray, events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:

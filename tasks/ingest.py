@@ -31,7 +31,7 @@ import polars as pl
 
 from schemas.config import Run, SyntheticConfig, ValidationConfig
 from schemas.rules import end_of_day, row_rules
-from schemas.tables import INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
+from schemas.tables import AVAILABILITY, EXCLUSIONS, INTERACTIONS, INTERACTIONS_REQUIRED, ITEMS, Snapshot
 from tasks import privacy
 from tasks.stage import stage
 from tasks.workspace import RecflowError, code_version, reuse, stage_key, temp_dir, write_parquet
@@ -63,10 +63,12 @@ def ingest(run: Run) -> Snapshot:
     lenient = cfg.validation.max_bad_row_fraction > 0
     if cfg.source == "synthetic":
         interactions, items = generate_synthetic(cfg.synthetic, run.run_date, cfg.seed)
-        users, origin = None, {"interactions": "synthetic", "items": "synthetic"}
+        exclusions = synthetic_exclusions(cfg.synthetic, run.run_date, cfg.seed, interactions)
+        users, origin = None, {"interactions": "synthetic", "items": "synthetic", "exclusions": "synthetic"}
     else:
         directory = _directory(cfg.source)
         interactions, items, users = read_directory(directory, lenient)
+        exclusions = read_exclusions(directory)
         origin = {table: str(path) for table, path in source_files(directory).items()}
     interactions = up_to(interactions, run.run_date)
     deleted, secret = privacy.deleted_users(cfg.privacy, run.workspace), privacy.read_key(cfg.privacy, run.workspace)
@@ -74,6 +76,7 @@ def ingest(run: Run) -> Snapshot:
         users = users.select("user_id")
     before = interactions.height
     interactions, users = privacy.protect(interactions, deleted, secret), privacy.protect(users, deleted, secret)
+    exclusions = privacy.protect(exclusions, deleted, secret)
     if deleted.len():
         log.info("privacy: %d user(s) on the deletion list; %d of their event(s) dropped", deleted.len(),
                  before - interactions.height)
@@ -92,6 +95,8 @@ def ingest(run: Run) -> Snapshot:
         write_parquet(items, snapshot.items)
     if users is not None:
         write_parquet(users, staged / "users.parquet")
+    if exclusions is not None:
+        write_parquet(exclusions, snapshot.exclusions)
     snapshot = snapshot.model_copy(update={
         "n_interactions": interactions.height,
         "n_users": interactions["user_id"].n_unique(),
@@ -185,8 +190,9 @@ def read_directory(
 def source_files(directory: Path) -> dict[str, Path]:
     """The file each input table of `directory` is read from."""
     if (directory / "ratings.csv").exists() and _find(directory, "interactions") is None:
-        return {"interactions": directory / "ratings.csv", "items": directory / "movies.csv"}
-    return {table: path for table in ("interactions", "items", "users") if (path := _find(directory, table))}
+        movielens = {"interactions": directory / "ratings.csv", "items": directory / "movies.csv"}
+        return movielens | ({"exclusions": path} if (path := _find(directory, "exclusions")) else {})
+    return {table: path for table in ("interactions", "items", "users", "exclusions") if (path := _find(directory, table))}
 
 
 def _read_movielens(directory: Path, lenient: bool):
@@ -311,8 +317,64 @@ def normalise_items(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
         categories = pl.col("categories").cast(pl.String).str.split("|").list.eval(
             pl.element().str.strip_chars().filter(pl.element() != "")
         )
-    extra = [c for c in frame.columns if c not in ("item_id", "title", "categories")]
-    return frame.select(pl.col("item_id").cast(pl.String), title, categories, *extra).cast(dict(ITEMS))
+    extra = [c for c in frame.columns if c not in ("item_id", "title", "categories", *AVAILABILITY.names())]
+    availability = _availability(frame, path)
+    return frame.select(pl.col("item_id").cast(pl.String), title, categories, *extra).cast(dict(ITEMS)).with_columns(
+        availability)
+
+
+def _availability(frame: pl.DataFrame, path: Path) -> list[pl.Series]:
+    """The items table's availability columns, parsed (AVAILABILITY): `available` as a bool
+    (true/false, 1/0, yes/no), the window's ends as unix seconds; empty = no limit. A value
+    that cannot be parsed, or a window that ends before it starts, fails naming the row."""
+    parsed = []
+    if "available" in frame.columns:
+        raw = frame["available"]
+        flag = raw if raw.dtype == pl.Boolean else raw.cast(pl.String).str.strip_chars().str.to_lowercase().replace_strict(
+            {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": None},
+            default=None, return_dtype=pl.Boolean)
+        _reject_unparsed(raw, flag, "available", path)
+        parsed.append(flag.alias("available"))
+    for name in ("available_from", "available_until"):
+        if name in frame.columns:
+            seconds = _timestamp_seconds(frame[name])
+            _reject_unparsed(frame[name], seconds, name, path)
+            parsed.append(seconds.alias(name))
+    if {"available_from", "available_until"} <= set(frame.columns):
+        start, end = parsed[-2], parsed[-1]
+        backwards = (start > end).fill_null(False).arg_true()
+        if backwards.len():
+            row = backwards[0]
+            raise RecflowError(
+                f"{path}: column 'available_until' is before 'available_from' in {backwards.len()} row(s) "
+                f"(row {row + 2}: item {frame['item_id'][row]!r}, from {frame['available_from'][row]!r} "
+                f"until {frame['available_until'][row]!r})"
+            )
+    return parsed
+
+
+def read_exclusions(directory: Path) -> pl.DataFrame | None:
+    """The directory's exclusions table (EXCLUSIONS), if it has one: `user_id` (empty = every
+    user), `item_id`, optional `until` (unix seconds or ISO-8601; empty = for good)."""
+    path = _find(directory, "exclusions")
+    if path is None:
+        return None
+    frame = _read_table(path)
+    _require(frame, ("user_id", "item_id"), path)
+    unknown = [column for column in frame.columns if column not in EXCLUSIONS.names()]
+    if unknown:
+        raise RecflowError(f"{path}: unknown column(s) {', '.join(unknown)}; an exclusions table has user_id, "
+                           "item_id and, optionally, until")
+    until = _timestamp_seconds(frame["until"]) if "until" in frame.columns else pl.Series("until", [None] * frame.height,
+                                                                                          pl.Int64)
+    if "until" in frame.columns:
+        _reject_unparsed(frame["until"], until, "until", path)
+    user = pl.col("user_id").cast(pl.String).str.strip_chars()
+    return frame.select(
+        pl.when(user == "").then(None).otherwise(pl.col("user_id").cast(pl.String)).alias("user_id"),
+        pl.col("item_id").cast(pl.String),
+        until.alias("until"),
+    ).cast(dict(EXCLUSIONS))
 
 
 # --- GroupLens archives --------------------------------------------------------------
@@ -477,7 +539,55 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
         pl.lit("view").alias("event_type"),
         pl.lit(None, pl.Float64).alias("weight"),
     )
-    return interactions, _synthetic_items(rng, item_cluster, cfg.n_categories, n_clusters)
+    items = _synthetic_items(rng, item_cluster, cfg.n_categories, n_clusters)
+    return _synthetic_availability(interactions, items, cfg, int(midnight), seed)
+
+
+def _synthetic_availability(
+    interactions: pl.DataFrame, items: pl.DataFrame, cfg: SyntheticConfig, midnight: int, seed: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Availability windows relative to the run date: a seeded `discontinued_share` of the
+    items ends a seeded day in the window's first half and has no events after that; an
+    `upcoming_share` launches 2 to 31 days after the run date and has none yet."""
+    rng = np.random.default_rng([seed, 1_000_003])  # its own stream: the walks stay the seed's
+    draw, days_ago, days_ahead = rng.random(items.height), rng.integers(1, max(2, cfg.days // 2), items.height), \
+        rng.integers(2, 32, items.height)
+    discontinued = draw < cfg.discontinued_share
+    upcoming = ~discontinued & (draw < cfg.discontinued_share + cfg.upcoming_share)
+    items = items.with_columns(
+        pl.Series("available_from", np.where(upcoming, midnight + days_ahead * 86400, 0)).replace(0, None),
+        pl.Series("available_until", np.where(discontinued, midnight - days_ago * 86400, 0)).replace(0, None),
+    )
+    window = items.select("item_id", "available_from", "available_until")
+    interactions = (
+        interactions.join(window, on="item_id", how="left", maintain_order="left")
+        .filter(pl.col("available_from").is_null() & (pl.col("available_until").is_null()
+                                                      | (pl.col("timestamp") < pl.col("available_until"))))
+        .drop("available_from", "available_until")
+    )
+    return interactions, items
+
+
+def synthetic_exclusions(cfg: SyntheticConfig, run_date: dt.date, seed: int,
+                         interactions: pl.DataFrame) -> pl.DataFrame | None:
+    """The synthetic source's exclusions table: `cfg.exclusions` seeded (user, item) pairs,
+    items drawn by popularity (the ones a list would hold), half of them until two days after
+    the run date and half for good, and one seeded item excluded for everyone."""
+    if cfg.exclusions == 0 or interactions.is_empty():
+        return None
+    rng = np.random.default_rng([seed, 1_000_033, run_date.toordinal()])
+    users = interactions["user_id"].unique().sort()
+    counts = interactions.group_by("item_id").len().sort("item_id")
+    weights = counts["len"].to_numpy() / counts["len"].sum()
+    midnight = int(dt.datetime.combine(run_date, dt.time(), dt.timezone.utc).timestamp())
+    pairs = pl.DataFrame({
+        "user_id": users.gather(rng.integers(users.len(), size=cfg.exclusions)),
+        "item_id": counts["item_id"].gather(rng.choice(counts.height, size=cfg.exclusions, p=weights)),
+        "until": np.where(np.arange(cfg.exclusions) % 2 == 0, midnight + 2 * 86400, 0),
+    }).with_columns(pl.col("until").replace(0, None))
+    everyone = pl.DataFrame({"user_id": [None], "item_id": [counts["item_id"][int(rng.integers(counts.height))]],
+                             "until": [None]}, schema=dict(EXCLUSIONS))
+    return pl.concat([pairs.cast(dict(EXCLUSIONS)), everyone]).unique(["user_id", "item_id"], maintain_order=True)
 
 
 def _synthetic_items(rng: np.random.Generator, item_cluster: np.ndarray, n_categories: int, n_clusters: int) -> pl.DataFrame:

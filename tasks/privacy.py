@@ -199,13 +199,15 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: ModelDir) -> dict[str, int
 
 
 def _forget_in_features(directory: Path, user_ids: pl.Series) -> None:
-    """A logged recommender's feature set without the events of `user_ids`, whose rows in
+    """A logged recommender's feature set without the events and exclusions of `user_ids`, whose rows in
     its user vocabulary lose their id (the indices of the others stay as its models know
     them). Events go first: a run killed in between leaves the ids, so the next one redoes it."""
     users = pl.read_parquet(directory / "users.parquet")
     gone = users.filter(pl.col("user_id").is_in(user_ids.implode()))["user_idx"].implode()
-    events = pl.read_parquet(directory / "events.parquet")
-    write_parquet(events.filter(~pl.col("user_idx").is_in(gone)), directory / "events.parquet")
+    for name in ("events.parquet", "exclusions.parquet"):
+        if (directory / name).exists():
+            table = pl.read_parquet(directory / name)
+            write_parquet(table.filter(~pl.col("user_idx").is_in(gone)), directory / name)
     unnamed = pl.when(pl.col("user_idx").is_in(gone)).then(None).otherwise("user_id").alias("user_id")
     write_parquet(users.with_columns(unnamed), directory / "users.parquet")
 

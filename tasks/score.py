@@ -66,6 +66,7 @@ def score_shard(run: Run, job: ScoringJob, shard: int) -> ScoredShard:
         return ScoredShard(key=job.key, shard=shard, rows=0)
     similarity = sp.load_npz(job.path / SHARED)
     recs = recommend(decision.models, features, users, features.events, cfg.top_k, similarity, cfg.lists)
+    filled_users = recs.filter("filled")["user_idx"].n_unique()
     table = (
         recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
         .with_columns(
@@ -78,9 +79,9 @@ def score_shard(run: Run, job: ScoringJob, shard: int) -> ScoredShard:
         .cast(dict(RECOMMENDATIONS))
     )
     write_parquet(table, job.path / f"part-{shard:05d}.parquet")
-    log.info("scored shard %d of %d in process %d: %d users, %d rows", shard + 1, cfg.shards, os.getpid(), users.size,
-             table.height)
-    return ScoredShard(key=job.key, shard=shard, rows=table.height)
+    log.info("scored shard %d of %d in process %d: %d users, %d rows, %d list(s) filled from the fallback",
+             shard + 1, cfg.shards, os.getpid(), users.size, table.height, filled_users)
+    return ScoredShard(key=job.key, shard=shard, rows=table.height, users_filled=filled_users)
 
 
 def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -> PublishedTable:
@@ -93,14 +94,16 @@ def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -
     log.info("scored %d shard(s): %d rows (flow process %d)", len(shards), sum(s.rows for s in shards), os.getpid())
     (job.path / SHARED).unlink(missing_ok=True)
     table = pl.read_parquet(job.path / "*.parquet")
-    published = PublishedTable(key=job.key, path=target, rows=table.height, users=table["user_id"].n_unique())
+    published = PublishedTable(key=job.key, path=target, rows=table.height, users=table["user_id"].n_unique(),
+                               users_filled=sum(s.users_filled for s in shards))
     manifest = {"run_date": run.run_date.isoformat(), "model_version": job.decision.model_version,
                 "mlflow_run_id": job.decision.mlflow_run_id, "nightly_run_id": run_id}
-    write_json(manifest | published.model_dump(mode="json", include={"path", "rows", "users"}),
+    write_json(manifest | published.model_dump(mode="json", include={"path", "rows", "users", "users_filled"}),
                job.path / "_manifest.json")
     stamp(job.path, published)
     publish_dir(job.path, target)
-    log.info("published %s (%d rows, %d users)", published.path, published.rows, published.users)
+    log.info("published %s (%d rows, %d users, %d filled from the fallback)", published.path, published.rows,
+             published.users, published.users_filled)
     return published
 
 

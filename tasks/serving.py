@@ -73,7 +73,8 @@ class Recommender(mlflow.pyfunc.PythonModel):
         """(the features with a new user row per user asked with a history or unknown to the
         night, each asked user's user_idx, the events to score them from): a user asked
         without a history is scored from the night's events, the others from the history
-        given (items unknown to the night are left out)."""
+        given (items unknown to the night are left out). The night's business rules hold
+        for every answer: they travel with the features (tasks/lists.py applies them)."""
         stored = self.features.users.select("user_id", "user_idx")
         fresh = pl.col("history").is_not_null() | pl.col("user_idx").is_null()
         asked = asked.join(stored, on="user_id", how="left", maintain_order="left").with_columns(
@@ -92,7 +93,13 @@ class Recommender(mlflow.pyfunc.PythonModel):
         stored_events = events.filter(pl.col("user_idx").is_in(asked.filter(~pl.col("fresh"))["user_idx"].implode()))
         users = pl.concat([stored, added.select(stored.columns)])
         history = pl.concat([stored_events, given]).sort("user_idx", maintain_order=True)
-        return dataclasses.replace(self.features, users=users), asked["user_idx"], history
+        # A known user asked with a history keeps their exclusions under the new row.
+        renamed = added.select("user_id", pl.col("user_idx").alias("new_idx")).join(stored, on="user_id")
+        exclusions = self.features.exclusions
+        carried = exclusions.join(renamed, on="user_idx").select(pl.col("new_idx").alias("user_idx"), "item_idx")
+        features = dataclasses.replace(self.features, users=users,
+                                       exclusions=pl.concat([exclusions, carried.cast(exclusions.schema)]))
+        return features, asked["user_idx"], history
 
 
 def save(path: Path, models: ModelDir, features: Path, top_k: int, lists: ListConfig) -> None:

@@ -83,7 +83,8 @@ def run_suites(
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
-    from schemas.suites import interactions_suite, items_suite
+    from schemas.rules import servable_catalogue, serving_moment
+    from schemas.suites import catalogue_suite, exclusions_suite, interactions_suite, items_suite
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="great_expectations")
@@ -100,11 +101,18 @@ def run_suites(
     )
     source = context.data_sources.add_pandas(name="snapshot")
     items = pl.read_parquet(snapshot.items) if snapshot.has_items else None
-    tables = [("interactions", _without_user_ids(pl.read_parquet(snapshot.interactions)), interactions_suite(
+    interactions = pl.read_parquet(snapshot.interactions)
+    tables = [("interactions", _without_user_ids(interactions), interactions_suite(
         cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None, previous
     ))]
     if items is not None:
         tables.append(("items", items.select("item_id"), items_suite()))
+    exclusions = pl.read_parquet(snapshot.exclusions) if snapshot.exclusions.exists() else None
+    if exclusions is not None:  # its user ids are never handed to GE (its results quote values)
+        tables.append(("exclusions", exclusions.select("item_id", "until"), exclusions_suite()))
+    catalogue = items if items is not None else interactions.select("item_id").unique()
+    servable = servable_catalogue(catalogue, exclusions, serving_moment(run_date)).select(pl.col("servable").cast(pl.Int8))
+    tables.append(("catalogue", servable, catalogue_suite(run_date)))
     failures = []
     for name, frame, suite in tables:
         batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all")
@@ -122,7 +130,8 @@ def run_suites(
         frame_pd = frame.to_pandas(use_pyarrow_extension_array=True)
         result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame_pd}).run_results.values()))
         write_json(result.to_json_dict(), snapshot.validation / f"{name}.json")
-        failures += [_describe(r, snapshot.origin.get(name, name)) for r in result.results if not r.success]
+        file = snapshot.origin.get("items" if snapshot.has_items else "interactions") if name == "catalogue" else None
+        failures += [_describe(r, file or snapshot.origin.get(name, name)) for r in result.results if not r.success]
     log.info("validation: %d failed expectation(s)", len(failures))
     return failures
 

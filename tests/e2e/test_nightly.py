@@ -402,3 +402,66 @@ def test_diversity_reranking_spreads_lists_over_more_categories_from_the_same_mo
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert (table.group_by("user_id").agg((pl.col("score").sort_by("rank").diff().drop_nulls() <= 0).all())["score"]).all()
     assert table.group_by("user_id").len()["len"].unique().to_list() == [10]
+
+
+def test_every_list_the_night_serves_holds_only_what_the_business_rules_allow(copy_of_run, monkeypatch):
+    """Rules that bite: the items listed most by the shared run become unavailable (switched
+    off, discontinued, launching tomorrow, excluded for everyone), and twenty users may no
+    longer see their first item; lists are capped at 3 per category, scored in 2 shards."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    workspace, _, config = copy_of_run
+    before = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
+    interactions, items = generate_synthetic(SMALL, RUN_DATE, 42)
+    most_listed = before.group_by("item_id").len().sort("len", "item_id", descending=[True, False])["item_id"]
+    off, ended, later, everyone = most_listed[0:3], most_listed[3:6], most_listed[6:9], most_listed[9]
+    moment = int(dt.datetime.combine(RUN_DATE + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp())
+    items = items.with_columns(
+        available=~pl.col("item_id").is_in(off.implode()),
+        available_until=pl.when(pl.col("item_id").is_in(ended.implode())).then(moment)
+        .otherwise(pl.col("available_until")),
+        available_from=pl.when(pl.col("item_id").is_in(later.implode())).then(moment + 86_400)
+        .otherwise(pl.col("available_from")),
+    )
+    firsts = before.filter((pl.col("rank") == 1) & ~pl.col("item_id").is_in(most_listed.head(10).implode())).head(20)
+    excluded = pl.concat([firsts.select("user_id", "item_id"),
+                          pl.DataFrame({"user_id": [None], "item_id": [everyone]}, schema={"user_id": pl.String,
+                                                                                           "item_id": pl.String})])
+    source = workspace.parent / "source"
+    source.mkdir()
+    interactions.write_parquet(source / "interactions.parquet")
+    items.write_parquet(source / "items.parquet")
+    excluded.write_csv(source / "exclusions.csv")
+    from flows.nightly import nightly
+
+    nightly(config(source=str(source), shards=2, lists={"max_per_category": 3}))
+
+    unservable = set(items.filter(~pl.col("available") | (pl.col("available_from") > moment)
+                                  | (pl.col("available_until") <= moment))["item_id"]) | {everyone}
+    assert set(off) | set(ended) | set(later) <= unservable
+    categories = items.select("item_id", pl.col("categories").alias("category")).explode("category")
+
+    def obeys_the_rules(lists: pl.DataFrame, k: int) -> None:
+        assert not set(lists["item_id"]) & unservable
+        assert lists.join(firsts.select("user_id", "item_id"), on=["user_id", "item_id"]).is_empty()
+        assert lists.join(categories, on="item_id").group_by("user_id", "category").len()["len"].max() <= 3
+        per_user = lists.group_by("user_id").agg(pl.len(), pl.col("item_id").n_unique().alias("distinct"))
+        assert (per_user["len"] == k).all() and (per_user["distinct"] == k).all()
+
+    partition = lambda table: pl.read_parquet(workspace / table / f"run_date={RUN_DATE}" / "*.parquet")  # noqa: E731
+    published = partition("recommendations")
+    obeys_the_rules(published, 10)
+    assert not set(partition("fallback")["item_id"]) & unservable
+    assert not set(partition("similar_items")["similar_item_id"]) & unservable
+    manifest = json.loads((workspace / "recommendations" / f"run_date={RUN_DATE}" / "_manifest.json").read_text())
+    assert manifest["users"] == published["user_id"].n_unique() and "users_filled" in manifest
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    tonight = max(int(v.version) for v in mlflow_client(workspace).search_model_versions("name='recflow-retrieval'"))
+    model = mlflow.pyfunc.load_model(f"models:/recflow-retrieval/{tonight}")  # the version logged with tonight's rules
+    users = firsts["user_id"].to_list()
+    obeys_the_rules(pl.from_pandas(model.predict(pd.DataFrame({"user_id": users}))), 10)
+    history = [list(off) + list(ended)] * len(users)  # a history request keeps the user's exclusions
+    obeys_the_rules(pl.from_pandas(model.predict(pd.DataFrame({"user_id": users, "history": history}),
+                                                 params={"k": 5})), 5)

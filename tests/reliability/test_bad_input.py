@@ -125,6 +125,43 @@ def test_broken_table_fails_in_one_line_and_keeps_earlier_output(good, kind):
     _expect_failure(good, kind, ["--source", str(source)], expected, "items.csv" if "items table" in kind else "interactions.csv")
 
 
+def _items_with(**columns):
+    """The good items table with availability columns: a value for every row, or one for the first 3 rows."""
+    def change(items: pl.DataFrame) -> pl.DataFrame:
+        return items.with_columns(
+            (pl.lit(value) if isinstance(value, str) else pl.when(pl.int_range(pl.len()) < 3).then(pl.lit(value[0])))
+            .alias(name) for name, value in columns.items())
+    return change
+
+
+# kind -> (change to the items table or None, an exclusions.csv or None, what the one line says, the file it names)
+BROKEN_RULES = {
+    "availability window that ends before it starts": (
+        _items_with(available_from=("2026-11-05",), available_until=("2026-11-01",)), None,
+        "column 'available_until' is before 'available_from' in 3 row(s) (row 2", "items.csv"),
+    "availability that is not true or false": (_items_with(available=("maybe",)), None,
+                                               "column 'available' has 3 value(s) that cannot be parsed", "items.csv"),
+    "no item servable on the run date": (_items_with(available="false"), None,
+                                         "no item is servable on 2026-11-11", "items.csv"),
+    "exclusions with an unknown column": (None, "user_id,item_id,reason\nuser_1,item_1,returned\n",
+                                          "unknown column(s) reason", "exclusions.csv"),
+    "exclusions with an unparseable until": (None, "user_id,item_id,until\nuser_1,item_1,next week\n",
+                                             "column 'until' has 1 value(s) that cannot be parsed (row 2", "exclusions.csv"),
+    "exclusions naming no item": (None, "user_id,item_id\nuser_1,\n", "expect_column_values_to_not_be_null(item_id)",
+                                  "exclusions.csv"),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_RULES)
+def test_broken_business_rules_fail_in_one_line_and_keep_earlier_output(good, kind):
+    items_change, exclusions, expected, file = BROKEN_RULES[kind]
+    items = items_change(good["items"]) if items_change else good["items"]
+    source = write_source(good["base"] / kind.replace(" ", "-"), good["interactions"], items)
+    if exclusions:
+        (source / "exclusions.csv").write_text(exclusions)
+    _expect_failure(good, kind, ["--source", str(source)], expected, file)
+
+
 BROKEN_FILES = {
     "empty file": (b"", "cannot be read as csv"),
     "wrong delimiter": (b"user_id;item_id;timestamp\n1;2;1700000000\n", "looks ';'-separated"),
@@ -186,7 +223,7 @@ def _expect_failure(good, kind: str, arguments: list[str], expected: str, file: 
 
 
 def test_the_matrix_tries_at_least_twenty_kinds_of_bad_input():
-    assert len(BROKEN_TABLES) + len(BROKEN_FILES) + 1 + len(BAD_ARGUMENTS) >= 20
+    assert len(BROKEN_TABLES) + len(BROKEN_RULES) + len(BROKEN_FILES) + 1 + len(BAD_ARGUMENTS) >= 20
 
 
 def test_unusual_but_valid_input_succeeds_and_bad_rows_under_the_threshold_are_quarantined(good, caplog):

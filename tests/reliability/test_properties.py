@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas.config import ListConfig
 from tasks.inference import as_table, retrieve
 from tasks.metrics import ranking_metrics
 from tasks.workspace import write_parquet
@@ -136,3 +137,52 @@ def test_final_lists_are_distinct_real_candidates_with_non_increasing_scores(cas
         assert new[row, order[row][placed[row]]].all()
         assert (order[row][~placed[row]] == picks[row][~placed[row]]).all()
         assert not placed[row, : max(0, order.shape[1] - slots, from_rank - 1)].any()  # only the last slots move
+
+
+@st.composite
+def rule_cases(draw):
+    """Lists under business rules: a catalogue where only `allowed` items may be shown,
+    (user, item) pairs blocked (seen or excluded), candidates as the candidate sources give
+    them (allowed, unblocked, in some order; -inf past a user's last), a category cap or
+    none, diversity, new-item slots and the fallback order."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    users, n_items, n = draw(st.integers(1, 6)), draw(st.integers(1, 30)), draw(st.integers(1, 12))
+    allowed = rng.random(n_items + 1) < draw(st.floats(0.05, 1.0))
+    allowed[0] = False
+    blocked = rng.random((users, n_items + 1)) < draw(st.floats(0, 0.6))
+    categories = np.where(rng.random((n_items + 1, 2)) < 0.8, rng.integers(1, 5, (n_items + 1, 2)), 0)
+    categories[categories[:, 1] == categories[:, 0], 1] = 0  # an item's categories are distinct
+    categories[0] = 0
+    candidates = np.zeros((users, n), np.int64)
+    ranked = np.full((users, n), -np.inf)
+    for row in range(users):
+        pool = rng.permutation(np.flatnonzero(allowed & ~blocked[row]))[: draw(st.integers(0, n))]
+        candidates[row, : pool.size] = pool
+        ranked[row, : pool.size] = rng.normal(size=pool.size)
+    new = np.isfinite(ranked) & (rng.random((users, n)) < 0.3)
+    lists = ListConfig(diversity=draw(st.sampled_from([0.0, 0.0, 0.4])), new_item_slots=draw(st.integers(0, 2)),
+                       new_items_from_rank=draw(st.integers(1, 4)),
+                       max_per_category=draw(st.one_of(st.none(), st.integers(1, 3))))
+    fallback = rng.permutation(np.flatnonzero(allowed))
+    return ranked, candidates, new, categories, draw(st.integers(1, 10)), lists, fallback, allowed, blocked
+
+
+@settings(max_examples=200, deadline=None)
+@given(rule_cases())
+def test_lists_under_the_rules_hold_only_servable_unblocked_items_within_the_cap(case):
+    from tasks.lists import choose_lists
+
+    ranked, candidates, new, categories, k, lists, fallback, allowed, blocked = case
+    pairs = np.nonzero(blocked)
+    top, final, _, _, filled = choose_lists(ranked, candidates, new, categories, k, lists, fallback, pairs)
+    for row in range(top.shape[0]):
+        listed = top[row][np.isfinite(final[row])]
+        assert len(set(listed.tolist())) == listed.size  # distinct
+        assert allowed[listed].all() and not blocked[row, listed].any()  # servable, never blocked
+        assert np.all(np.diff(final[row][np.isfinite(final[row])]) <= 1e-12)  # ranked by score
+        assert not filled[row][~np.isfinite(final[row])].any()
+        if lists.max_per_category is not None:
+            counts = np.bincount(categories[listed][categories[listed] > 0], minlength=5)
+            assert counts.max(initial=0) <= lists.max_per_category  # the cap holds
+        else:
+            assert listed.size == min(k, top.shape[1], (allowed & ~blocked[row]).sum())  # min(K, servable)

@@ -14,7 +14,7 @@ import pytest
 
 from schemas.config import SyntheticConfig
 from schemas.tables import INTERACTIONS
-from tasks.ingest import fetch_movielens, generate_synthetic, ingest, read_directory
+from tasks.ingest import fetch_movielens, generate_synthetic, ingest, read_directory, read_exclusions
 from tasks.workspace import RecflowError
 from tests.conftest import make_run
 
@@ -191,6 +191,58 @@ def test_unparseable_timestamp_names_the_file_and_the_column(tmp_path):
     assert "yesterday" in message
 
 
+def test_availability_columns_are_parsed_to_bools_and_unix_seconds(tmp_path):
+    source = write_generic(tmp_path / "raw")
+    (source / "items.csv").write_text(
+        "item_id,title,available,available_from,available_until\n"
+        "042,The Answer,true,2024-01-01,\n"
+        "043,Other,0,,2024-02-01T12:00:00Z\n"
+        "044,Plain,,,\n"
+    )
+    _, items, _ = read_directory(source)
+    assert items["available"].to_list() == [True, False, None]
+    assert items["available_from"].to_list() == [int(dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
+                                                 None, None]
+    assert items["available_until"].to_list()[1] == int(dt.datetime(2024, 2, 1, 12, tzinfo=dt.timezone.utc).timestamp())
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ("042,x,2024-03-01,2024-02-01\n", "column 'available_until' is before 'available_from' in 1 row(s) (row 2: item '042'"),
+    ("042,maybe,,\n", "column 'available' has 1 value(s) that cannot be parsed (row 2: 'maybe')"),
+    ("042,true,soon,\n", "column 'available_from' has 1 value(s) that cannot be parsed (row 2: 'soon')"),
+])
+def test_a_broken_availability_names_the_file_the_column_and_the_row(tmp_path, rows, expected):
+    source = write_generic(tmp_path / "raw")
+    (source / "items.csv").write_text("item_id,available,available_from,available_until\n" + rows.replace("x", "true"))
+    with pytest.raises(RecflowError, match="items.csv") as error:
+        read_directory(source)
+    assert expected in str(error.value)
+
+
+def test_exclusions_are_read_with_an_empty_user_meaning_everyone(tmp_path):
+    source = write_generic(tmp_path / "raw")
+    (source / "exclusions.csv").write_text("user_id,item_id,until\n007,042,2024-04-01\n,043,\n")
+    exclusions = read_exclusions(source)
+    assert exclusions.to_dicts() == [
+        {"user_id": "007", "item_id": "042", "until": int(dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc).timestamp())},
+        {"user_id": None, "item_id": "043", "until": None},
+    ]
+    assert read_exclusions(write_generic(tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("user_id,item_id,reason\n007,042,returned\n", "unknown column(s) reason"),
+    ("user_id,item_id,until\n007,042,next week\n", "column 'until' has 1 value(s) that cannot be parsed (row 2"),
+    ("user_id,until\n007,2024-04-01\n", "missing required column(s) item_id"),
+])
+def test_a_broken_exclusions_table_names_the_file_and_the_problem(tmp_path, content, expected):
+    source = write_generic(tmp_path / "raw")
+    (source / "exclusions.csv").write_text(content)
+    with pytest.raises(RecflowError, match="exclusions.csv") as error:
+        read_exclusions(source)
+    assert expected in str(error.value)
+
+
 def test_a_source_that_is_not_a_directory_is_a_recflow_error(tmp_path):
     with pytest.raises(RecflowError, match="not a directory"):
         read_directory(tmp_path / "nowhere")
@@ -267,6 +319,19 @@ def test_synthetic_grows_by_a_day_from_one_date_to_the_next():
     new = runs[next_day].join(runs[day], on=["user_id", "item_id", "timestamp"], how="anti")
     assert new.height > 0 and (new["timestamp"] >= start).all() and (new["timestamp"] < end).all()  # one more day
     assert runs[next_day].equals(generate_synthetic(SMALL, next_day, seed=3)[0].select(runs[day].columns))
+
+
+def test_synthetic_items_have_availability_windows_and_no_events_outside_them():
+    cfg = SyntheticConfig(discontinued_share=0.1, upcoming_share=0.1)
+    interactions, items = generate_synthetic(cfg, RUN_DATE, 3)
+    midnight = int(dt.datetime.combine(RUN_DATE, dt.time(), dt.timezone.utc).timestamp())
+    upcoming, ended = items.filter(pl.col("available_from").is_not_null()), items.filter(
+        pl.col("available_until").is_not_null())
+    assert 0.05 < upcoming.height / items.height < 0.15 and 0.05 < ended.height / items.height < 0.15
+    assert (upcoming["available_from"] > midnight + 86_400).all() and (ended["available_until"] < midnight).all()
+    assert interactions.join(upcoming, on="item_id").is_empty()  # nothing happens to an item before its launch
+    late = interactions.join(ended, on="item_id").filter(pl.col("timestamp") >= pl.col("available_until"))
+    assert late.is_empty()
 
 
 def test_synthetic_users_concentrate_on_few_categories_far_more_than_chance():
