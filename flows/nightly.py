@@ -128,6 +128,7 @@ def _summary(run: Run, run_id: str, stages: dict[str, StageRecord], seconds: flo
         "output": str(published.path),
         "rows": published.rows,
         "users": published.users,
+        "users_filled": published.users_filled,
         "reused_stages": [name for name, record in stages.items() if record.reused],
         "privacy_partitions_rewritten": cleanup.rewritten,
         "privacy_directories_removed": cleanup.removed,

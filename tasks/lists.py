@@ -87,6 +87,7 @@ def recommend(
     blocked_items = item_map[np.concatenate([history["item_idx"].to_numpy(), features.exclusions["item_idx"].to_numpy()])]
     allowed = servable_items(features, item_map, item_ids.size)
     fallback = item_map[features.fallback_order()]
+    fallback = fallback[fallback > 0]  # items the models do not know cannot be scored or explained
     if similarity is None:
         similarity = history_similarity(models, features, history)
 
@@ -196,17 +197,20 @@ def capped(ranked: np.ndarray, categories: np.ndarray, k: int, cap: int) -> tupl
     picks = np.zeros((users, min(k, n)), dtype=np.int64)
     values = np.full(picks.shape, -np.inf)
     taken = np.zeros(users, dtype=np.int64)
-    rows = np.arange(users)
+    active = np.arange(users)  # rows with room left and candidates left
     for column in range(n):
-        candidate = by_score[:, column]
-        score = ranked[rows, candidate]
-        cats = categories[rows, candidate]
-        if not np.isfinite(score).any() or (taken >= picks.shape[1]).all():
+        candidate = by_score[active, column]
+        score = ranked[active, candidate]
+        active, candidate, score = active[np.isfinite(score)], candidate[np.isfinite(score)], score[np.isfinite(score)]
+        if active.size == 0:
             break
-        take = np.isfinite(score) & (taken < picks.shape[1]) & ~_over_cap(counts, cats, cap)
-        picks[rows[take], taken[take]], values[rows[take], taken[take]] = candidate[take], score[take]
-        counts[rows[take, None], cats[take]] += 1
-        taken += take
+        cats = categories[active, candidate]
+        take = ~_over_cap(counts[active], cats, cap)
+        rows = active[take]
+        picks[rows, taken[rows]], values[rows, taken[rows]] = candidate[take], score[take]
+        counts[rows[:, None], cats[take]] += 1
+        taken[rows] += 1
+        active = active[taken[active] < picks.shape[1]]
     return picks, values
 
 

@@ -1,11 +1,12 @@
-"""The final list: diversity re-ranking (maximal marginal relevance), new-item slots, explanations."""
+"""The final list: diversity re-ranking (maximal marginal relevance), new-item slots, explanations, the
+category cap and short lists filled under the business rules."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.lists import diversify, explain, make_room_for_new_items
+from tasks.lists import capped, diversify, explain, fill_short_lists, make_room_for_new_items
 
 
 def test_diversity_trades_relevance_for_a_new_category_and_keeps_scores_non_increasing():
@@ -63,3 +64,31 @@ def test_new_item_slots_never_take_a_rank_above_the_first_one_allowed():
     assert short[0].tolist() == [0, 1, 2, 4] and placed[0].tolist() == [False, False, False, True]
     untouched, placed = make_room_for_new_items(order, new, slots=2, from_rank=5)  # the list ends at rank 4
     assert untouched[0].tolist() == [0, 1, 2, 3] and not placed.any()
+
+
+def test_a_category_cap_skips_to_the_next_best_candidate_of_another_category():
+    ranked = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, -np.inf, -np.inf, -np.inf, -np.inf]])
+    categories = np.array([[[1, 0], [1, 3], [2, 0], [1, 2], [0, 0]]] * 2)  # uncategorised items are never capped
+    picks, values = capped(ranked, categories, k=4, cap=1)
+    assert picks[0, :3].tolist() == [0, 2, 4] and values[0, :3].tolist() == [5.0, 3.0, 1.0]
+    assert values[0, 3] == -np.inf  # nothing else fits: the list ends
+    assert picks[1, 0] == 0 and np.isinf(values[1, 1:]).all()
+
+
+def test_a_new_item_slot_does_not_break_the_category_cap():
+    order = np.array([[0, 1, 2]])  # listed: categories 1, 2, 3
+    categories = np.array([[[1], [2], [3], [1], [4]]])
+    new = np.array([[False, False, False, True, True]])  # candidate 3 (category 1) is retrieved before 4
+    placed_order, placed = make_room_for_new_items(order, new, slots=1, categories=categories, cap=1)
+    assert placed_order[0].tolist() == [0, 1, 4] and placed[0].tolist() == [False, False, True]
+
+
+def test_a_list_the_rules_left_short_is_filled_from_the_fallback_order_under_the_same_rules():
+    top = np.array([[7, 0, 0]])
+    final = np.array([[2.5, -np.inf, -np.inf]])
+    categories = np.zeros((10, 1), dtype=int)
+    categories[[7, 3], 0] = 1
+    blocked = (np.array([0]), np.array([5]))  # the user has seen (or may not see) item 5
+    filled = fill_short_lists(top, final, np.array([7, 5, 3, 9, 8]), blocked, categories, cap=1)
+    assert top[0].tolist() == [7, 9, 8]  # 7 is listed, 5 blocked, 3 over the cap (category 1)
+    assert filled[0].tolist() == [False, True, True] and final[0].tolist() == [2.5, 2.5, 2.5]
