@@ -42,6 +42,9 @@ IALS_GRID = [  # (factors, regularization, alpha): a small grid; the best row is
 
 K = 10
 RUN_DATE = "2026-11-27"
+# The built-in source, and a repeat-heavy world of it (a third of a walk's steps go back to an
+# earlier item) for the repeat rule (`lists.repeats`).
+SYNTHETIC = {"synthetic": SyntheticConfig(), "synthetic-repeats": SyntheticConfig(repeat_share=0.3)}
 
 
 def split(interactions: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -100,8 +103,8 @@ def retrieval_only(workspace: Path) -> pl.DataFrame:
 def load(dataset: str) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     """Interactions and items of a dataset directory, a GroupLens archive ('movielens:<name>',
     downloaded once) or the seeded synthetic source."""
-    if dataset == "synthetic":
-        return generate_synthetic(SyntheticConfig(), dt.date.fromisoformat(RUN_DATE), seed=7)
+    if dataset in SYNTHETIC:
+        return generate_synthetic(SYNTHETIC[dataset], dt.date.fromisoformat(RUN_DATE), seed=7)
     directory = fetch_movielens(dataset.split(":", 1)[1]) if dataset.startswith("movielens:") else Path(dataset)
     interactions, items, _ = read_directory(directory)
     return interactions, items
@@ -122,8 +125,9 @@ def popularity_ratio(lists: pl.DataFrame, visible: pl.DataFrame, truth: pl.DataF
     return float(listed / picked) if picked else float("nan")
 
 
-def bench(dataset: str) -> dict:
-    """One dataset's report: recflow's written top-K lists and each baseline's, scored alike."""
+def bench(dataset: str, config: Path | None = None) -> dict:
+    """One dataset's report: recflow's written top-K lists (run with the settings of
+    `config`, a PipelineConfig file, when given) and each baseline's, scored alike."""
     interactions, items = load(dataset)
     visible, hidden = split(interactions)
     truth = hidden.select(pl.col("user_id").alias("user"), pl.col("item_id").alias("item"))
@@ -142,7 +146,7 @@ def bench(dataset: str) -> dict:
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--source", str(data), "--workspace", str(workspace),
-             "--run-date", RUN_DATE, "--top-k", str(K)],
+             "--run-date", RUN_DATE, "--top-k", str(K), *(["--config", str(config.resolve())] if config else [])],
             check=True, cwd=Path(__file__).resolve().parents[1],
         )
         runtime = time.perf_counter() - started
@@ -162,6 +166,8 @@ def bench(dataset: str) -> dict:
         "full ranking, seen excluded; lists written by `recflow run --top-k 10`; Recall@10 = hits/min(10,#hidden); "
         "NDCG@10 binary gains; coverage = share of the visible catalogue in any top-10 list; popularity ratio = "
         "mean visible count of listed items / that of the hidden items",
+        "config": json.loads(config.read_text()) if config else {},
+        "repeat_targets": hidden.join(visible, on=["user_id", "item_id"], how="semi").height,
         "hidden_events": hidden.height,
         "users_scored": hidden["user_id"].n_unique(),
         "results": results,
@@ -173,10 +179,12 @@ def main() -> None:
     parser.add_argument("datasets", nargs="+", help="dataset directories, 'movielens:<name>' or 'synthetic'")
     parser.add_argument("--results", type=Path, default=Path("bench/results"),
                         help="where to write quality-<dataset>.json")
+    parser.add_argument("--config", type=Path, help="a PipelineConfig file (JSON) for recflow's run, e.g. "
+                        "lists.repeats; its name is added to the result file's")
     args = parser.parse_args()
     for dataset in args.datasets:
-        report = bench(dataset)
-        name = label(dataset)
+        report = bench(dataset, args.config)
+        name = label(dataset) + (f"-{args.config.stem}" if args.config else "")
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"quality-{name}.json").write_text(json.dumps(report, indent=2))
         print(f"\n{name}\n{doctables.quality_table(report)}", flush=True)

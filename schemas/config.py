@@ -45,6 +45,11 @@ class SyntheticConfig(_Section):
         description="share of items launching after the run date (available_from a seeded day of the next 30, "
         "no events yet): in the catalogue, in no list until they launch",
     )
+    repeat_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of a walk's steps that go back to an item the user had before (0: every item once); "
+        "a repeat-heavy world for lists.repeats",
+    )
     exclusions: int = Field(
         30, ge=0,
         description="(user, item) pairs of the synthetic exclusions table (never to recommend: hidden, returned), "
@@ -218,6 +223,15 @@ class ListConfig(_Section):
         11, ge=1,
         description="new-item slots go no higher than this rank: the top of a list stays the model's best "
         "(so a list of 10 gets none unless this is lowered)",
+    )
+    repeats: bool = Field(
+        False,
+        description="items a user has interacted with may be recommended again, once repeat_after_days have "
+        "passed since their last interaction (groceries, music, local businesses); off: never again",
+    )
+    repeat_after_days: float = Field(
+        30.0, ge=0, description="with repeats: days after a user's last interaction with an item before it may "
+        "be recommended to them again",
     )
     max_per_category: int | None = Field(
         None, ge=1,

@@ -8,6 +8,7 @@ sequences the query tower reads; nothing loops over rows in Python.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from schemas.tables import ModelDir
 MAX_CATEGORIES = 8  # categories kept per item
 # exclusions.parquet of a feature set: the (user, item) pairs in force tonight (schemas/rules.py).
 EXCLUSIONS = pl.Schema({"user_idx": pl.Int32, "item_idx": pl.Int32})
+RULES = "rules.json"  # of a feature set: the moment its night's business rules were evaluated at
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Features:
     item_title: np.ndarray  # (n_items + 1, max_title_tokens)
     item_popularity: np.ndarray  # (n_items + 1,), events in the fit split
     exclusions: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EXCLUSIONS))  # never to list tonight
+    moment: int | None = None  # when the night's lists go out (unix seconds): what repeats count from
 
     @property
     def n_users(self) -> int:
@@ -76,6 +79,7 @@ def load_features(path: Path) -> Features:
         item_popularity=popularity,
         exclusions=pl.read_parquet(path / "exclusions.parquet") if (path / "exclusions.parquet").exists()
         else pl.DataFrame(schema=EXCLUSIONS),
+        moment=json.loads((path / RULES).read_text())["moment"] if (path / RULES).exists() else None,
     )
 
 

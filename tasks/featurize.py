@@ -20,9 +20,9 @@ import polars as pl
 from schemas.config import FeatureConfig, Run
 from schemas.rules import in_force, servable_catalogue, serving_moment
 from schemas.tables import EVENTS, SPLITS, FeatureSet, Snapshot
-from tasks.features import EXCLUSIONS, MAX_CATEGORIES
+from tasks.features import EXCLUSIONS, MAX_CATEGORIES, RULES
 from tasks.stage import stage
-from tasks.workspace import publish_dir, reuse, stage_key, stamp, temp_dir, write_parquet
+from tasks.workspace import publish_dir, reuse, stage_key, stamp, temp_dir, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def build_features(run: Run, snapshot: Snapshot) -> FeatureSet:
     write_parquet(users, staged / "users.parquet")
     write_parquet(items, staged / "items.parquet")
     write_parquet(events, staged / "events.parquet")
+    write_json({"moment": moment}, staged / RULES)
     if exclusions is not None:
         pairs = exclusions.drop_nulls("user_id").join(users.select("user_id", "user_idx"), on="user_id").join(
             items.select("item_id", "item_idx"), on="item_id")

@@ -480,9 +480,10 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
     window = cfg.days * 86400
     epoch = int(end // window)
 
-    def walk(chunk: slice, start: float, rng: np.random.Generator) -> pl.DataFrame:
+    def walk(chunk: slice, start: float, rng: np.random.Generator, again: np.random.Generator) -> pl.DataFrame:
         """The sessions of users in `chunk` in the epoch from `start`, as (users x steps)
-        arrays, then one row per event."""
+        arrays, then one row per event; with `cfg.repeat_share`, steps drawn from `again` go
+        back to an item of the walk's earlier steps (else each item counts once)."""
         cluster, second, length = user_cluster[chunk], second_cluster[chunk], lengths[chunk]
         n, steps = length.size, int(length.max())
         position = np.empty((n, steps), dtype=np.int64)  # index into `order`
@@ -497,6 +498,9 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
                 move < 0.55, chain_next,
                 np.where(move < 0.9, popular_in(home, rng), popular_in(rng.integers(n_clusters, size=n), rng)),
             )
+        for t in range(1, steps if cfg.repeat_share > 0 else 1):
+            back = again.random(n) < cfg.repeat_share
+            position[back, t] = position[back, again.integers(0, t, n)[back]]
         valid = np.arange(steps)[None, :] < length[:, None]
         new_session = rng.random((n, steps)) < 0.12
         gap = np.where(new_session, rng.exponential(86400 * 3.0, (n, steps)), rng.integers(30, 900, (n, steps)))
@@ -517,20 +521,22 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
                 "timestamp": timestamps[valid],
                 "rating": rating[valid].astype(np.float64),
             }
-        ).unique(["user_id", "item_id"], keep="first", maintain_order=True)
+        ).unique(once, keep="first", maintain_order=True)
 
     # Both epochs the date's window overlaps, in chunks of users, so memory stays flat at any
     # size (one chunk up to 25,000 users).
     seen = pl.col("timestamp").is_between(midnight - window, end, closed="left")
+    once = ["user_id", "item_id", "timestamp"] if cfg.repeat_share > 0 else ["user_id", "item_id"]
     walks = []
     for current in (epoch - 1, epoch):
         walker = np.random.default_rng([seed, current])
-        walks += [walk(slice(low, min(low + SYNTHETIC_CHUNK, n_users)), current * window, walker).filter(seen)
+        walks += [walk(slice(low, min(low + SYNTHETIC_CHUNK, n_users)), current * window, walker,
+                       np.random.default_rng([seed, current, low, 1_000_037])).filter(seen)
                   for low in range(0, n_users, SYNTHETIC_CHUNK)]
     interactions = (
         pl.concat(walks)
         .sort("user_id", "timestamp", maintain_order=True)
-        .unique(["user_id", "item_id"], keep="first", maintain_order=True)
+        .unique(once, keep="first", maintain_order=True)
     ).select(
         pl.format("user_{}", pl.col("user_id")).alias("user_id"),
         pl.format("item_{}", pl.col("item_id")).alias("item_id"),

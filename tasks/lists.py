@@ -83,8 +83,8 @@ def recommend(
     ranker = tf.saved_model.load(str(models.ranking_path)).signatures["score"]
     histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
-    blocked_users = np.concatenate([history["user_idx"].to_numpy(), features.exclusions["user_idx"].to_numpy()])
-    blocked_items = item_map[np.concatenate([history["item_idx"].to_numpy(), features.exclusions["item_idx"].to_numpy()])]
+    blocked_users, blocked_items = (array.to_numpy() for array in never_again(history, features, lists))
+    blocked_items = item_map[blocked_items]
     allowed = servable_items(features, item_map, item_ids.size)
     fallback = item_map[features.fallback_order()]
     fallback = fallback[fallback > 0]  # items the models do not know cannot be scored or explained
@@ -143,6 +143,19 @@ def recommend(
             .with_columns(reason.alias("reason"),
                           pl.when(pl.col("filled")).then(None).otherwise(pl.col("because_item_id")).alias("because_item_id"))
             .select(RECS_SCHEMA.keys()))
+
+
+def never_again(history: pl.DataFrame, features: Features, lists: ListConfig) -> tuple[pl.Series, pl.Series]:
+    """(user_idx, item_idx) of the pairs no list may hold: what the user has interacted with
+    (with `lists.repeats`, only within `lists.repeat_after_days` of the moment the lists go
+    out; an event without a time counts as now) and tonight's exclusions."""
+    seen = history.select("user_idx", "item_idx")
+    if lists.repeats and features.moment is not None and "timestamp" in history.columns:
+        recent = features.moment - lists.repeat_after_days * 86_400
+        last = history.group_by("user_idx", "item_idx").agg(pl.col("timestamp").max())
+        seen = last.filter(pl.col("timestamp").is_null() | (pl.col("timestamp") > recent)).select("user_idx", "item_idx")
+    pairs = pl.concat([seen, features.exclusions], how="vertical_relaxed")
+    return pairs["user_idx"], pairs["item_idx"]
 
 
 def choose_lists(

@@ -83,11 +83,11 @@ class Recommender(mlflow.pyfunc.PythonModel):
             fresh.alias("fresh"),
         )
         added = asked.filter("fresh")
-        events = self.features.events.select("user_idx", "item_idx")
-        given = (
+        events = self.features.events.select("user_idx", "item_idx", "timestamp")
+        given = (  # events given with a request have no time: they count as just now
             added.select("user_idx", pl.col("history").alias("item_id")).explode("item_id")
             .join(self.features.items.select("item_id", "item_idx"), on="item_id", maintain_order="left")
-            .select("user_idx", "item_idx")
+            .select("user_idx", "item_idx", pl.lit(None).alias("timestamp"))
             .cast(events.schema)
         )
         stored_events = events.filter(pl.col("user_idx").is_in(asked.filter(~pl.col("fresh"))["user_idx"].implode()))

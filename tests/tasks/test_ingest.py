@@ -334,6 +334,14 @@ def test_synthetic_items_have_availability_windows_and_no_events_outside_them():
     assert late.is_empty()
 
 
+def test_a_repeat_heavy_synthetic_world_brings_users_back_to_items_they_had():
+    once, _ = generate_synthetic(SyntheticConfig(), RUN_DATE, 3)
+    again, _ = generate_synthetic(SyntheticConfig(repeat_share=0.3), RUN_DATE, 3)
+    assert once.select("user_id", "item_id").is_duplicated().sum() == 0  # by default each item once per user
+    repeats = again.select("user_id", "item_id").is_duplicated().mean()
+    assert 0.2 < repeats < 0.8, repeats
+
+
 def test_synthetic_users_concentrate_on_few_categories_far_more_than_chance():
     interactions, items = generate_synthetic(SMALL, RUN_DATE, seed=3)
     events = interactions.join(items.select("item_id", category=pl.col("categories").list.first()), on="item_id")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.lists import capped, diversify, explain, fill_short_lists, make_room_for_new_items
+from tasks.lists import capped, diversify, explain, fill_short_lists, make_room_for_new_items, never_again
 
 
 def test_diversity_trades_relevance_for_a_new_category_and_keeps_scores_non_increasing():
@@ -92,3 +92,29 @@ def test_a_list_the_rules_left_short_is_filled_from_the_fallback_order_under_the
     filled = fill_short_lists(top, final, np.array([7, 5, 3, 9, 8]), blocked, categories, cap=1)
     assert top[0].tolist() == [7, 9, 8]  # 7 is listed, 5 blocked, 3 over the cap (category 1)
     assert filled[0].tolist() == [False, True, True] and final[0].tolist() == [2.5, 2.5, 2.5]
+
+
+def test_with_repeats_an_item_may_come_back_once_enough_days_have_passed_since_its_last_event():
+    from dataclasses import replace
+
+    import polars as pl
+
+    from schemas.config import ListConfig
+    from tasks.features import EXCLUSIONS, Features
+
+    day, moment = 86_400, 100 * 86_400
+    history = pl.DataFrame({"user_idx": [1, 1, 1, 2, 2], "item_idx": [10, 11, 10, 12, 13],
+                            "timestamp": [moment - 60 * day, moment - 40 * day, moment - 5 * day, moment - 31 * day,
+                                          None]})  # item 10 again 5 days ago; item 13 given with a request
+    features = replace(Features(users=pl.DataFrame(), items=pl.DataFrame(), events=history,
+                                item_categories=np.zeros((1, 1)), item_title=np.zeros((1, 1)),
+                                item_popularity=np.zeros(1)), moment=moment,
+                       exclusions=pl.DataFrame({"user_idx": [2], "item_idx": [14]}, schema=EXCLUSIONS))
+
+    def blocked(lists: ListConfig) -> set[tuple[int, int]]:
+        users, items = never_again(history, features, lists)
+        return set(zip(users.to_list(), items.to_list()))
+
+    assert blocked(ListConfig()) == {(1, 10), (1, 11), (2, 12), (2, 13), (2, 14)}  # off: everything seen, never again
+    assert blocked(ListConfig(repeats=True, repeat_after_days=30)) == {(1, 10), (2, 13), (2, 14)}
+    assert blocked(ListConfig(repeats=True, repeat_after_days=50)) == {(1, 10), (1, 11), (2, 12), (2, 13), (2, 14)}
