@@ -149,7 +149,8 @@ def retrieval_lists(
 
 def _blocked(users: np.ndarray, visible: pl.DataFrame, features: Features) -> tuple[np.ndarray, np.ndarray]:
     """(row in `users`, item) pairs no list may hold: what the user has seen, and tonight's exclusions."""
-    return rows_of(users, pl.concat([visible.select("user_idx", "item_idx"), features.exclusions], how="vertical_relaxed"))
+    excluded = features.exclusions.drop_nulls("user_idx").select("user_idx", "item_idx")
+    return rows_of(users, pl.concat([visible.select("user_idx", "item_idx"), excluded], how="vertical_relaxed"))
 
 
 def model_lists(

@@ -18,8 +18,9 @@ import polars as pl
 from schemas.tables import ModelDir
 
 MAX_CATEGORIES = 8  # categories kept per item
-# exclusions.parquet of a feature set: the (user, item) pairs in force tonight (schemas/rules.py).
-EXCLUSIONS = pl.Schema({"user_idx": pl.Int32, "item_idx": pl.Int32})
+# exclusions.parquet of a feature set: the (user, item) pairs in force tonight (schemas/rules.py);
+# user_idx is null for a user the night does not know (the registered model may be asked for them).
+EXCLUSIONS = pl.Schema({"user_id": pl.String, "user_idx": pl.Int32, "item_idx": pl.Int32})
 RULES = "rules.json"  # of a feature set: the moment its night's business rules were evaluated at
 
 

@@ -63,8 +63,8 @@ def build_features(run: Run, snapshot: Snapshot) -> FeatureSet:
     write_parquet(events, staged / "events.parquet")
     write_json({"moment": moment}, staged / RULES)
     if exclusions is not None:
-        pairs = exclusions.drop_nulls("user_id").join(users.select("user_id", "user_idx"), on="user_id").join(
-            items.select("item_id", "item_idx"), on="item_id")
+        pairs = exclusions.drop_nulls("user_id").join(users.select("user_id", "user_idx"), on="user_id", how="left")
+        pairs = pairs.join(items.select("item_id", "item_idx"), on="item_id")
         write_parquet(pairs.select(EXCLUSIONS.names()).unique().sort(EXCLUSIONS.names()).cast(dict(EXCLUSIONS)),
                       staged / "exclusions.parquet")
     log.info("features: %d of %d items servable on %s, %d exclusion(s) in force", items["servable"].sum(),

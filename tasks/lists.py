@@ -154,7 +154,8 @@ def never_again(history: pl.DataFrame, features: Features, lists: ListConfig) ->
         recent = features.moment - lists.repeat_after_days * 86_400
         last = history.group_by("user_idx", "item_idx").agg(pl.col("timestamp").max())
         seen = last.filter(pl.col("timestamp").is_null() | (pl.col("timestamp") > recent)).select("user_idx", "item_idx")
-    pairs = pl.concat([seen, features.exclusions], how="vertical_relaxed")
+    excluded = features.exclusions.drop_nulls("user_idx").select("user_idx", "item_idx")
+    pairs = pl.concat([seen, excluded], how="vertical_relaxed")
     return pairs["user_idx"], pairs["item_idx"]
 
 

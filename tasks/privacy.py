@@ -182,14 +182,14 @@ def forget(workspace: Path, cfg: PrivacyConfig, keep: ModelDir) -> dict[str, int
             write_parquet(pl.read_parquet(logged).filter(~pl.col("user_id").is_in(deleted.implode())), logged)
             rewritten += 1
     for logged in sorted(embedded_store.glob(f"**/{RECOMMENDER_FEATURES}/users.parquet")):
-        if _holds(logged, deleted):
+        if _holds(logged, deleted) or _holds_exclusions(logged.parent, deleted):
             _forget_in_features(logged.parent, deleted)
             rewritten += 1
     holders = {path.parent: path for path in (workspace / "features").glob("run_date=*/users.parquet")}
     trained = [ModelDir(path=directory) for directory in sorted((workspace / "models").glob("*"))]
     holders |= {models.path: models.users for models in trained if models.users.exists()}
     for directory, users in holders.items():
-        if directory != keep.path and _holds(users, deleted):
+        if directory != keep.path and (_holds(users, deleted) or _holds_exclusions(directory, deleted)):
             _remove(directory, workspace)
             removed += 1
     write_json({"deletion_list": applied}, marker)
@@ -204,12 +204,18 @@ def _forget_in_features(directory: Path, user_ids: pl.Series) -> None:
     them). Events go first: a run killed in between leaves the ids, so the next one redoes it."""
     users = pl.read_parquet(directory / "users.parquet")
     gone = users.filter(pl.col("user_id").is_in(user_ids.implode()))["user_idx"].implode()
-    for name in ("events.parquet", "exclusions.parquet"):
-        if (directory / name).exists():
-            table = pl.read_parquet(directory / name)
-            write_parquet(table.filter(~pl.col("user_idx").is_in(gone)), directory / name)
+    events = pl.read_parquet(directory / "events.parquet")
+    write_parquet(events.filter(~pl.col("user_idx").is_in(gone)), directory / "events.parquet")
+    if (directory / "exclusions.parquet").exists():
+        exclusions = pl.read_parquet(directory / "exclusions.parquet")
+        write_parquet(exclusions.filter(~pl.col("user_id").is_in(user_ids.implode())), directory / "exclusions.parquet")
     unnamed = pl.when(pl.col("user_idx").is_in(gone)).then(None).otherwise("user_id").alias("user_id")
     write_parquet(users.with_columns(unnamed), directory / "users.parquet")
+
+
+def _holds_exclusions(features: Path, user_ids: pl.Series) -> bool:
+    """Whether a feature set's exclusions name one of `user_ids` (a user with no events has them only there)."""
+    return (features / "exclusions.parquet").exists() and _holds(features / "exclusions.parquet", user_ids)
 
 
 def _holds(path: Path, user_ids: pl.Series) -> bool:

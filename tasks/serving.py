@@ -93,10 +93,11 @@ class Recommender(mlflow.pyfunc.PythonModel):
         stored_events = events.filter(pl.col("user_idx").is_in(asked.filter(~pl.col("fresh"))["user_idx"].implode()))
         users = pl.concat([stored, added.select(stored.columns)])
         history = pl.concat([stored_events, given]).sort("user_idx", maintain_order=True)
-        # A known user asked with a history keeps their exclusions under the new row.
-        renamed = added.select("user_id", pl.col("user_idx").alias("new_idx")).join(stored, on="user_id")
+        # A user asked with a history, or unknown to the night's events, keeps their exclusions
+        # under the new row.
         exclusions = self.features.exclusions
-        carried = exclusions.join(renamed, on="user_idx").select(pl.col("new_idx").alias("user_idx"), "item_idx")
+        carried = exclusions.join(added.select("user_id", pl.col("user_idx").alias("new_idx")), on="user_id").select(
+            "user_id", pl.col("new_idx").alias("user_idx"), "item_idx")
         features = dataclasses.replace(self.features, users=users,
                                        exclusions=pl.concat([exclusions, carried.cast(exclusions.schema)]))
         return features, asked["user_idx"], history

@@ -425,9 +425,16 @@ def test_every_list_the_night_serves_holds_only_what_the_business_rules_allow(co
         .otherwise(pl.col("available_from")),
     )
     firsts = before.filter((pl.col("rank") == 1) & ~pl.col("item_id").is_in(most_listed.head(10).implode())).head(20)
-    excluded = pl.concat([firsts.select("user_id", "item_id"),
-                          pl.DataFrame({"user_id": [None], "item_id": [everyone]}, schema={"user_id": pl.String,
-                                                                                           "item_id": pl.String})])
+    # Someone with no events at all (an offline customer) who returned the item a new user with
+    # this history is offered first.
+    history = list(before["item_id"].unique().sort().head(3))
+    with monkeypatch.context() as registry:  # only while asking: the run below tracks as recflow does
+        registry.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+        offered = mlflow.pyfunc.load_model("models:/recflow-retrieval@champion").predict(
+            pd.DataFrame({"user_id": ["someone-new"], "history": [history]}))
+    returned = next(item for item in offered["item_id"] if item not in set(most_listed.head(10)))
+    excluded = pl.DataFrame({"user_id": [*firsts["user_id"], None, "offline-customer"],
+                             "item_id": [*firsts["item_id"], everyone, returned]})
     source = workspace.parent / "source"
     source.mkdir()
     interactions.write_parquet(source / "interactions.parquet")
@@ -462,6 +469,10 @@ def test_every_list_the_night_serves_holds_only_what_the_business_rules_allow(co
     model = mlflow.pyfunc.load_model(f"models:/recflow-retrieval/{tonight}")  # the version logged with tonight's rules
     users = firsts["user_id"].to_list()
     obeys_the_rules(pl.from_pandas(model.predict(pd.DataFrame({"user_id": users}))), 10)
-    history = [list(off) + list(ended)] * len(users)  # a history request keeps the user's exclusions
-    obeys_the_rules(pl.from_pandas(model.predict(pd.DataFrame({"user_id": users, "history": history}),
+    histories = [list(off) + list(ended)] * len(users)  # a history request keeps the user's exclusions
+    obeys_the_rules(pl.from_pandas(model.predict(pd.DataFrame({"user_id": users, "history": histories}),
                                                  params={"k": 5})), 5)
+    answers = pl.from_pandas(model.predict(pd.DataFrame({"user_id": ["someone-new", "offline-customer"],
+                                                         "history": [history, history]})))
+    assert returned in set(answers.filter(pl.col("user_id") == "someone-new")["item_id"])
+    assert returned not in set(answers.filter(pl.col("user_id") == "offline-customer")["item_id"])

@@ -234,7 +234,8 @@ def test_unusual_but_valid_input_succeeds_and_bad_rows_under_the_threshold_are_q
     bad_rows = odd.head(4).with_columns(pl.lit(9.9).alias("rating"))  # 4 of ~3,600 rows
     unseen = pl.DataFrame({"item_id": ["never-seen-1", "never-seen-2"], "title": ["Lonely", "Alone"],
                            "categories": ["c1", "c2"]})
-    source = write_source(good["base"] / "unusual", pl.concat([odd, bad_rows]), pl.concat([items, unseen]))
+    source = write_source(good["base"] / "unusual", pl.concat([odd, bad_rows]),
+                          pl.concat([items, unseen], how="diagonal"))  # the unseen items have no availability
     config = good["base"] / "lenient.json"
     config.write_text(json.dumps(CONFIG | {"validation": {"max_bad_row_fraction": 0.01}}))
     workspace = good["base"] / "unusual-ws"

@@ -150,7 +150,7 @@ def test_features_are_published_under_the_run_date_partition(built):
 
     assert feature_set.path == workspace / "features" / "run_date=2024-03-01"
     assert sorted(p.name for p in feature_set.path.iterdir()) == [
-        "_stage.json", "events.parquet", "items.parquet", "users.parquet",
+        "_stage.json", "events.parquet", "items.parquet", "rules.json", "users.parquet",
     ]
     stage = json.loads((feature_set.path / "_stage.json").read_text())
     assert stage["key"] == feature_set.key != "" and stage["record"]["split_sizes"] == {"fit": 15, "valid": 2, "test": 4}

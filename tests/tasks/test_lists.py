@@ -109,7 +109,8 @@ def test_with_repeats_an_item_may_come_back_once_enough_days_have_passed_since_i
     features = replace(Features(users=pl.DataFrame(), items=pl.DataFrame(), events=history,
                                 item_categories=np.zeros((1, 1)), item_title=np.zeros((1, 1)),
                                 item_popularity=np.zeros(1)), moment=moment,
-                       exclusions=pl.DataFrame({"user_idx": [2], "item_idx": [14]}, schema=EXCLUSIONS))
+                       exclusions=pl.DataFrame({"user_id": ["b", "someone"], "user_idx": [2, None], "item_idx": [14, 15]},
+                                               schema=EXCLUSIONS))  # someone: no events tonight
 
     def blocked(lists: ListConfig) -> set[tuple[int, int]]:
         users, items = never_again(history, features, lists)
