@@ -192,7 +192,8 @@ def source_files(directory: Path) -> dict[str, Path]:
     if (directory / "ratings.csv").exists() and _find(directory, "interactions") is None:
         movielens = {"interactions": directory / "ratings.csv", "items": directory / "movies.csv"}
         return movielens | ({"exclusions": path} if (path := _find(directory, "exclusions")) else {})
-    return {table: path for table in ("interactions", "items", "users", "exclusions") if (path := _find(directory, table))}
+    tables = ("interactions", "items", "users", "exclusions")
+    return {table: path for table in tables if (path := _find(directory, table))}
 
 
 def _read_movielens(directory: Path, lenient: bool):
@@ -220,10 +221,13 @@ def _read_movielens(directory: Path, lenient: bool):
 
 
 def _find(directory: Path, stem: str) -> Path | None:
-    for suffix in (".parquet", ".csv"):
-        if (directory / f"{stem}{suffix}").exists():
-            return directory / f"{stem}{suffix}"
-    return None
+    """The file holding table `stem` (`.parquet` or `.csv`); two of them is an error, never a
+    silent choice (a stale export beside a fresh one)."""
+    found = [directory / f"{stem}{suffix}" for suffix in (".parquet", ".csv") if (directory / f"{stem}{suffix}").exists()]
+    if len(found) > 1:
+        raise RecflowError(f"{directory}: both {found[0].name} and {found[1].name} hold the {stem} table; "
+                           "remove the one that is not tonight's export")
+    return found[0] if found else None
 
 
 def _read_table(path: Path) -> pl.DataFrame:

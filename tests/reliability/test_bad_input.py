@@ -179,6 +179,13 @@ def test_unreadable_file_fails_in_one_line_and_keeps_earlier_output(good, kind):
     _expect_failure(good, kind, ["--source", str(source)], expected, "interactions.csv")
 
 
+def test_two_files_for_one_table_fail_in_one_line_naming_both(good):
+    source = write_source(good["base"] / "two-files", good["interactions"], good["items"])
+    good["interactions"].head(good["interactions"].height // 2).write_parquet(source / "interactions.parquet")  # stale
+    _expect_failure(good, "two files for one table", ["--source", str(source)],
+                    "both interactions.parquet and interactions.csv hold the interactions table", None)
+
+
 def test_truncated_parquet_fails_in_one_line_and_keeps_earlier_output(good):
     source = good["base"] / "truncated"
     source.mkdir()
@@ -223,7 +230,7 @@ def _expect_failure(good, kind: str, arguments: list[str], expected: str, file: 
 
 
 def test_the_matrix_tries_at_least_twenty_kinds_of_bad_input():
-    assert len(BROKEN_TABLES) + len(BROKEN_RULES) + len(BROKEN_FILES) + 1 + len(BAD_ARGUMENTS) >= 20
+    assert len(BROKEN_TABLES) + len(BROKEN_RULES) + len(BROKEN_FILES) + 2 + len(BAD_ARGUMENTS) >= 20
 
 
 def test_unusual_but_valid_input_succeeds_and_bad_rows_under_the_threshold_are_quarantined(good, caplog):

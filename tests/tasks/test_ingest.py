@@ -243,6 +243,13 @@ def test_a_broken_exclusions_table_names_the_file_and_the_problem(tmp_path, cont
     assert expected in str(error.value)
 
 
+def test_a_table_in_two_files_is_an_error_naming_both_never_a_silent_choice(tmp_path):
+    source = write_generic(tmp_path / "raw")
+    pl.read_csv(source / "items.csv", infer_schema=False).write_parquet(source / "items.parquet")
+    with pytest.raises(RecflowError, match="both items.parquet and items.csv hold the items table"):
+        read_directory(source)
+
+
 def test_a_source_that_is_not_a_directory_is_a_recflow_error(tmp_path):
     with pytest.raises(RecflowError, match="not a directory"):
         read_directory(tmp_path / "nowhere")
