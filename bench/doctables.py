@@ -155,6 +155,40 @@ def rules_table(rules: dict) -> str:
     return "\n".join(rows)
 
 
+HEALTH_FIGURES = [  # figure, the config field of its threshold, whether the threshold is a maximum
+    ("short_lists", "monitoring.max_short_lists", True), ("new_lists", "monitoring.max_new_lists", True),
+    ("overlap", "monitoring.min_overlap", False), ("coverage_change", "monitoring.min_coverage_change", False),
+    ("popularity_change", "monitoring.max_popularity_change", True), ("score_psi", "monitoring.max_score_psi", True),
+    ("new_user_share", "validation.max_new_user_share", True),
+    ("new_item_share", "validation.max_new_item_share", True),
+    ("events_per_user_kl", "validation.max_events_per_user_kl", True),
+    ("category_kl", "validation.max_category_kl", True),
+]
+
+
+def health_table(reports: dict[str, dict]) -> str:
+    """Each list-health and drift figure's worst value over each dataset's normal nights,
+    next to its default threshold."""
+    from schemas.config import PipelineConfig
+
+    defaults = PipelineConfig().model_dump()
+    names = list(reports)
+    rows = ["| figure | default threshold | " + " | ".join(
+        f"{name} ({len(reports[name]['nights'])} nights)" for name in names) + " |",
+        "|---|---|" + "---|" * len(names)]
+    for figure, field, at_most in HEALTH_FIGURES:
+        section, key = field.split(".")
+        cells = []
+        for name in names:
+            values = [night[figure] for night in reports[name]["nights"] if night.get(figure) is not None]
+            cells.append(f"{(max if at_most else min)(values):.4f}" if values else "")
+        rows.append(f"| {figure} ({'worst: highest' if at_most else 'worst: lowest'}) | `{key}` "
+                    f"{defaults[section][key]} | " + " | ".join(cells) + " |")
+    rows.append("| every night passes the defaults | | " + " | ".join(
+        "yes" if reports[name]["passed"] else "no" for name in names) + " |")
+    return "\n".join(rows)
+
+
 def speed_summary(speed: dict | None, rerun: dict | None, scale: dict | None) -> str:
     rows = ["| figure | measured | ratio to the same run's reference |", "|---|---|---|"]
     if rerun:
@@ -177,6 +211,7 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
     speed, rerun = _load(results, "speed.json"), _load(results, "rerun.json")
     scale, training = _load(results, "scale.json"), _load(results, "scale-training.json")
     rules = _load(results, "scale-rules.json")
+    health = {name: report for name in QUALITY_DATASETS if (report := _load(results, f"health-{name}.json"))}
     beyond = _load(results, "beyond-ml-latest-small.json")
     repeats = _load(results, "quality-synthetic-repeats.json"), _load(results, "quality-synthetic-repeats-repeats.json")
     out = {(ROOT / "docs" / "quality.md", f"quality:{name}"): quality_table(report) for name, report in quality.items()}
@@ -194,6 +229,8 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
         out[(ROOT / "docs" / "performance.md", "scale")] = scale_table(scale, training)
     if rules:
         out[(ROOT / "docs" / "performance.md", "rules")] = rules_table(rules)
+    if health:
+        out[(ROOT / "docs" / "operations.md", "health")] = health_table(health)
     return out
 
 

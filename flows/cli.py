@@ -202,7 +202,7 @@ def stack(
     try:
         if action == "up":
             urls = local_stack.up(directory.resolve(), host, prefect_port, mlflow_port, backend, postgres_port)
-            typer.echo(f"stack is up (started: {urls['started']}); point recflow at it with:")
+            typer.echo(f"stack is up (started: {urls['started']}; alerts: {urls['alerts']}); point recflow at it with:")
             typer.echo(f"  export PREFECT_API_URL={urls['prefect']} MLFLOW_TRACKING_URI={urls['mlflow']}")
         elif action == "down":
             typer.echo(local_stack.down(directory.resolve()))
@@ -212,6 +212,23 @@ def stack(
             raise typer.Exit(0 if status and all(s["healthy"] for s in status.values()) else 1)
     except local_stack.StackError as error:
         _fail(str(error))
+
+
+@app.command()
+def alerts() -> None:
+    """Apply recflow's alerts (infra/automations.yaml: failed, late and missing nightly runs,
+    unhealthy lists) to the Prefect server at PREFECT_API_URL, sending through a webhook
+    block with the URL in RECFLOW_ALERT_WEBHOOK_URL (Slack's incoming webhooks work as they
+    are). Run it again after changing either: each automation is updated in place."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import stack as local_stack
+
+    if not PREFECT_API_URL.value():
+        _fail("PREFECT_API_URL is not set: the alerts go to the Prefect server that runs the nightly flow")
+    if not os.environ.get(local_stack.ALERT_WEBHOOK):
+        _fail(f"{local_stack.ALERT_WEBHOOK} is not set: the webhook URL the alerts are sent to")
+    typer.echo(f"alerts: {local_stack.apply_alerts(PREFECT_API_URL.value())} on {PREFECT_API_URL.value()}")
 
 
 @app.command()

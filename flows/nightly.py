@@ -1,8 +1,8 @@
 """The nightly DAG as one Prefect flow, and the backfill flow that replays it over past
 dates: wiring, parameters and artifacts only.
 
-ingest -> validate -> features -> train_retrieval -> select -> train_ranking -> evaluate -> score -> publish
--> catalogue -> cleanup
+ingest -> validate -> features -> train_retrieval -> select -> train_ranking -> evaluate -> score
+-> check_lists -> publish -> catalogue -> cleanup
 
 Every stage is a task (tasks/<stage>.py) that takes the run and its upstream records and
 returns a record; a stage whose output an earlier run already computed from the same
@@ -23,6 +23,7 @@ from tasks.catalogue import catalogue_task
 from tasks.cleanup import cleanup_task
 from tasks.evaluate import evaluate_task
 from tasks.featurize import features_task
+from tasks.health import check_lists_task
 from tasks.ingest import ingest_task
 from tasks.ranking import train_ranking_task
 from tasks.retrieval import train_retrieval_task
@@ -51,11 +52,12 @@ def nightly(config: PipelineConfig = PipelineConfig()) -> dict:
             models = train_ranking_task(run=run, features=features, retrieval=retrieval, selection=selection)
             decision = evaluate_task(run=run, features=features, models=models, run_id=run_id)
             job, shards = _score(run=run, features=features, decision=decision)
+            health = check_lists_task(run=run, job=job, run_id=run_id)
             published = publish_task(run=run, job=job, shards=shards, run_id=run_id)
             catalogue = catalogue_task(run=run, snapshot=snapshot, features=features, decision=decision)
             stages = {"ingest": staged, "validate": snapshot, "features": features, "train_retrieval": retrieval,
                       "select": selection, "train_ranking": models, "evaluate": decision, "score": job,
-                      "publish": published, "catalogue": catalogue}
+                      "check_lists": health, "publish": published, "catalogue": catalogue}
             seconds = time.perf_counter() - started
             log_outcome(run.workspace, run_id, stages, seconds, artifacts={"validation": snapshot.validation})
         except BaseException as error:
@@ -129,6 +131,8 @@ def _summary(run: Run, run_id: str, stages: dict[str, StageRecord], seconds: flo
         "rows": published.rows,
         "users": published.users,
         "users_filled": published.users_filled,
+        "lists_compared_with": stages["check_lists"].compared_with,
+        **{f"lists_{name}": value for name, value in stages["check_lists"].figures.items()},
         "reused_stages": [name for name, record in stages.items() if record.reused],
         "privacy_partitions_rewritten": cleanup.rewritten,
         "privacy_directories_removed": cleanup.removed,

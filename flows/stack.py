@@ -10,7 +10,7 @@
   time) with the deployments of infra/prefect.yaml, and a worker.
 
 `up` starts only what is not running already, so after a server died it brings that one
-back; `down` stops everything (the data stays); `status` checks each process.
+back, and applies the alerts of infra/automations.yaml (`apply_alerts`); `down` stops everything (the data stays); `status` checks each process.
 `TemporaryPrefect` is the server of one command in ephemeral mode. `serve_deployments`
 registers the nightly flow (on a cron schedule) and the backfill flow with the Prefect
 server and runs whatever the schedule or the UI asks for in this process.
@@ -43,6 +43,12 @@ POOL = "recflow"
 # How long the worker's runs retry a tracking server that does not answer (urllib3 backoff
 # 2, 4, 8, 16 s) before they fail with one line; MLflow's own default waits ~4 minutes.
 MLFLOW_RETRIES = "4"
+# Alerts (infra/automations.yaml): the notification block the automations send through, and
+# the environment variable holding its webhook URL.
+ALERTS = ROOT / "infra" / "automations.yaml"
+ALERT_BLOCK = "recflow-alerts"
+ALERT_WEBHOOK = "RECFLOW_ALERT_WEBHOOK_URL"
+LATE_AFTER_S = "600"  # a nightly run not started 10 minutes after its schedule is Late (and alerted)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,44 @@ def up(directory: Path, host: str, prefect_port: int, mlflow_port: int, backend:
             down(directory)
         raise
     (directory / "env").write_text(f"export PREFECT_API_URL={prefect_url}\nexport MLFLOW_TRACKING_URI={mlflow_url}\n")
-    return {"prefect": prefect_url, "mlflow": mlflow_url, "started": ",".join(started) or "nothing"}
+    return {"prefect": prefect_url, "mlflow": mlflow_url, "started": ",".join(started) or "nothing",
+            "alerts": apply_alerts(prefect_url)}
+
+
+def apply_alerts(prefect_url: str) -> str:
+    """Save the `recflow-alerts` webhook block (URL from RECFLOW_ALERT_WEBHOOK_URL) and
+    create, or update in place, each automation of infra/automations.yaml on the Prefect
+    server at `prefect_url`; a line saying what it did. Without the variable nothing is
+    applied (there is nowhere to send an alert)."""
+    webhook = os.environ.get(ALERT_WEBHOOK)
+    if not webhook:
+        return f"off ({ALERT_WEBHOOK} is not set)"
+    import yaml
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    specs = yaml.safe_load(ALERTS.read_text())["automations"]
+    with temporary_settings({PREFECT_API_URL: prefect_url}):
+        block = CustomWebhookNotificationBlock(name=ALERT_BLOCK, url=webhook,
+                                               json_data={"text": "{{subject}}\n{{body}}"})
+        block_id = str(block.save(ALERT_BLOCK, overwrite=True))
+        with get_client(sync_client=True) as client:
+            for spec in specs:
+                for action in spec["actions"]:
+                    if action.get("block_document_id") == ALERT_BLOCK:
+                        action["block_document_id"] = block_id
+                automation = AutomationCore.model_validate(spec)
+                found = client.read_automations_by_name(automation.name)
+                if found:
+                    client.update_automation(found[0].id, automation)
+                    for duplicate in found[1:]:
+                        client.delete_automation(duplicate.id)
+                else:
+                    client.create_automation(automation)
+    log.info("alerts: %d automation(s) of %s sending to block %s", len(specs), ALERTS.name, ALERT_BLOCK)
+    return f"{len(specs)} automations of infra/automations.yaml, block {ALERT_BLOCK}"
 
 
 def _up(directory: Path, backend: str, specs: dict, servers: dict, postgres_port: int, deadline: float,
@@ -133,9 +176,11 @@ def _specs(directory: Path, backend: str, host: str, prefect_url: str, prefect_p
     """What each process of the stack runs, in start order."""
     specs = {}
     prefect_env = {"PREFECT_HOME": str(directory / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   # the UI asks the API at this address, whatever --port says
+                   # the UI asks the API at this address, whatever --port says; alerts link to the UI
                    "PREFECT_UI_API_URL": prefect_url, "PREFECT_SERVER_API_HOST": host,
-                   "PREFECT_SERVER_API_PORT": str(prefect_port)}
+                   "PREFECT_SERVER_API_PORT": str(prefect_port), "PREFECT_UI_URL": prefect_url.removesuffix("/api"),
+                   "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": os.environ.get(
+                       "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS", LATE_AFTER_S)}
     mlflow_store = f"sqlite:///{directory / 'mlflow.db'}"
     if backend == "postgres":
         binaries = _postgres_binaries()

@@ -73,6 +73,22 @@ class ValidationConfig(_Section):
     max_volume_drop: float = Field(
         0.5, ge=0, le=1, description="largest allowed drop in interactions against the latest earlier run date"
     )
+    max_new_user_share: float = Field(
+        0.5, ge=0, le=1, description="largest share of tonight's events from users the latest earlier snapshot "
+        "did not have",
+    )
+    max_new_item_share: float = Field(
+        0.5, ge=0, le=1, description="largest share of tonight's events on items the latest earlier snapshot did "
+        "not have",
+    )
+    max_events_per_user_kl: float | None = Field(
+        0.2, ge=0, description="largest KL divergence of the events-per-user distribution (power-of-two buckets) "
+        "from the latest earlier snapshot's; None = not checked",
+    )
+    max_category_kl: float | None = Field(
+        0.2, ge=0, description="largest KL divergence of the events' category mix from the latest earlier "
+        "snapshot's (with an items table both nights); None = not checked",
+    )
     max_bad_row_fraction: float = Field(
         0.0, ge=0, lt=1,
         description="share of interactions that may be quarantined row by row (bad id, timestamp or rating) "
@@ -240,6 +256,35 @@ class ListConfig(_Section):
     )
 
 
+class MonitoringConfig(_Section):
+    """Thresholds of the list-health gate (tasks/health.py): tonight's lists against the last
+    published partition, checked before publishing. A figure past its threshold fails the
+    run and leaves last night's lists current; None turns a check off. The defaults pass
+    every normal night of the development datasets (docs/operations.md, "List health")."""
+
+    max_short_lists: float | None = Field(
+        0.05, ge=0, le=1, description="largest share of users with fewer than top_k items (or no list at all)"
+    )
+    max_new_lists: float | None = Field(
+        0.8, ge=0, le=1, description="largest share of users (listed both nights) whose top-K shares no item with "
+        "last night's",
+    )
+    min_overlap: float | None = Field(
+        0.05, ge=0, le=1, description="smallest mean Jaccard@K between a user's list tonight and last night's"
+    )
+    min_coverage_change: float | None = Field(
+        0.5, ge=0, description="smallest catalogue coverage@K of tonight's lists over last night's (0.5: half as "
+        "many distinct items)",
+    )
+    max_popularity_change: float | None = Field(
+        2.0, ge=0, description="largest popularity ratio (mean events of a listed item over an event's item's) of "
+        "tonight's lists over last night's",
+    )
+    max_score_psi: float | None = Field(
+        2.0, ge=0, description="largest population stability index of tonight's scores against last night's"
+    )
+
+
 class PrivacyConfig(_Section):
     """Opt-outs, pseudonymisation and retention (docs/operations.md, "Privacy operations")."""
 
@@ -295,6 +340,7 @@ class PipelineConfig(_Section):
     ranking: RankingConfig = Field(RankingConfig(), description="the ranker that orders the candidates")
     lists: ListConfig = Field(ListConfig(), description="how each user's final list is chosen")
     privacy: PrivacyConfig = Field(PrivacyConfig(), description="opt-outs, pseudonymisation and retention")
+    monitoring: MonitoringConfig = Field(MonitoringConfig(), description="the list-health gate before publishing")
 
     @field_validator("workspace")
     @classmethod

@@ -23,7 +23,7 @@ NON_EMPTY = r"\S"
 
 
 def interactions_suite(
-    cfg: ValidationConfig, run_date: dt.date, item_ids: list[str] | None, previous: tuple[dt.date, int] | None = None
+    cfg: ValidationConfig, run_date: dt.date, item_ids: list[str] | None, previous: tuple[str, int] | None = None
 ) -> gx.ExpectationSuite:
     """`item_ids` are the items table's ids (None: no items table); `previous` is (run date,
     interactions) of the latest earlier snapshot, for the volume check."""
@@ -47,6 +47,39 @@ def interactions_suite(
             meta={"check": f"volume drop: {day} had {rows} interactions, max_volume_drop is {cfg.max_volume_drop:g}"},
         ))
     return gx.ExpectationSuite(name="interactions", expectations=expectations)
+
+
+def drift_suites(cfg: ValidationConfig, earlier: str, frames: dict) -> dict[str, gx.ExpectationSuite]:
+    """Tonight's input against the latest earlier snapshot (of run date `earlier`), beyond
+    volume: the share of events from new users and of new items (`events`), the events-per-
+    user distribution (`users`) and the category mix (`categories`, when both nights have
+    item categories) as KL divergences from `earlier`'s (`frames["reference_*"]`, label ->
+    count; every label of either night kept, with one extra count each so that a label
+    only one night has is a finite surprise)."""
+    suites = {"events": gx.ExpectationSuite(name="drift_events", expectations=[
+        gxe.ExpectColumnMeanToBeBetween(column="new_user", max_value=cfg.max_new_user_share, meta={
+            "check": f"share of events from users {earlier} did not have, max_new_user_share is "
+                     f"{cfg.max_new_user_share:g}"}),
+        gxe.ExpectColumnMeanToBeBetween(column="new_item", max_value=cfg.max_new_item_share, meta={
+            "check": f"share of events on items {earlier} did not have, max_new_item_share is "
+                     f"{cfg.max_new_item_share:g}"}),
+    ])}
+    for name, column, threshold, reads in (
+        ("users", "bucket", cfg.max_events_per_user_kl, "events per user"),
+        ("categories", "category", cfg.max_category_kl, "category mix of the events"),
+    ):
+        if name not in frames or threshold is None:
+            continue
+        reference = frames[f"reference_{name}"]
+        labels = sorted(set(reference[column].to_list()) | set(frames[name][column].unique().to_list()))
+        counts = dict(zip(reference[column].to_list(), reference["len"].to_list()))
+        total = sum(counts.get(label, 0) + 1 for label in labels)
+        suites[name] = gx.ExpectationSuite(name=f"drift_{name}", expectations=[gxe.ExpectColumnKLDivergenceToBeLessThan(
+            column=column, threshold=threshold,
+            partition_object={"values": labels, "weights": [(counts.get(label, 0) + 1) / total for label in labels]},
+            meta={"check": f"{reads} against {earlier}'s (KL divergence)"},
+        )])
+    return suites
 
 
 def items_suite() -> gx.ExpectationSuite:

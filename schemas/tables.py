@@ -348,6 +348,19 @@ class PublishedTable(StageRecord):
         return {"output_rows": self.rows, "output_users": self.users, "output_users_filled": self.users_filled}
 
 
+class ListHealth(StageRecord):
+    """Tonight's lists against the last published ones (tasks/health.py): each figure,
+    the partition compared with (None on the first night) and the thresholds broken."""
+
+    figures: dict[str, float]
+    compared_with: str | None = None
+    breaches: list[str] = []
+
+    def metrics(self) -> dict[str, float]:
+        """The figures as MLflow metrics, logged by the stage itself (on a breach too)."""
+        return {f"lists_{name}": value for name, value in self.figures.items()}
+
+
 class Catalogue(StageRecord):
     """Rows of the tables published beside the recommendations."""
 

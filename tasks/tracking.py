@@ -10,12 +10,14 @@ cheap.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import polars as pl
@@ -99,8 +101,28 @@ def start_run(run: Run, snapshot: Snapshot) -> str:
     params = _flatten(run.config.model_dump(mode="json", exclude={"run_date", "workspace"}))
     params["run_date"] = run.run_date
     mlflow.log_batch(created.info.run_id, params=[Param(key, str(value)[:500]) for key, value in params.items()])
+    log_snapshot(mlflow, created.info.run_id, snapshot)
     log.info("MLflow run %s at %s", created.info.run_id, tracking_uri(run.workspace))
     return created.info.run_id
+
+
+def log_snapshot(tracking, run_id: str, snapshot: Snapshot) -> None:
+    """The validated snapshot as the run's dataset inputs (MLflow's lineage: source path,
+    digest, schema, rows), interactions and, when there is one, items. The digest hashes the
+    table's file, so identical input shows the same digest every night."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    tables = {"interactions": snapshot.interactions} | ({"items": snapshot.items} if snapshot.has_items else {})
+    inputs = []
+    for name, path in tables.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it chose
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_polars(pl.read_parquet(path), source=str(path), digest=digest,
+                                              name=f"{snapshot.source.rstrip('/').rsplit('/', 1)[-1]}-{name}")
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")]))
+    tracking.log_inputs(run_id, datasets=inputs)
 
 
 def log_outcome(workspace: Path, run_id: str, stages: dict[str, StageRecord], seconds: float,
@@ -175,6 +197,14 @@ def runs_link(workspace: Path, run_id: str) -> str:
         return uri
     experiment_id = client(workspace).get_run(run_id).info.experiment_id
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{ML_VIEW}&viewStateShareKey={VIEW_KEY}"
+
+
+def log_metrics(workspace: Path, run_id: str, metrics: dict[str, float]) -> None:
+    """`metrics` (name -> value) in tonight's run."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(workspace).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 def log_evaluation(workspace: Path, run_id: str, metrics: dict[str, float], table: list[dict],
@@ -345,6 +375,10 @@ def recent_runs(workspace: Path, experiment: str, last: int) -> pl.DataFrame | N
                 ("ndcg@10", "ndcg_at_10"), ("recall@10", "recall_at_10"), ("champion ndcg@10", "champion_ndcg_at_10"),
                 ("retrieval-only ndcg@10", "retrieval_ndcg_at_10"), ("popularity ndcg@10", "popularity_ndcg_at_10"),
                 ("retrieval epochs", "retrieval_epochs"), ("output rows", "output_rows"),
+                ("short lists", "lists_short_lists"), ("new lists", "lists_new_lists"),
+                ("list overlap", "lists_overlap"), ("coverage", "lists_coverage"),
+                ("coverage change", "lists_coverage_change"), ("popularity ratio", "lists_popularity_ratio"),
+                ("popularity change", "lists_popularity_change"), ("score PSI", "lists_score_psi"),
                 ("interactions", "data_interactions"), ("total seconds", "time_total_s"),
             )
         },

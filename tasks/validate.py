@@ -40,7 +40,7 @@ def validate(run: Run, snapshot: Snapshot) -> Snapshot:
     is reused as it is."""
     if (found := reuse(run.partition("snapshots"), snapshot.key, Snapshot)) is not None:
         return found
-    failures = run_suites(snapshot, run.run_date, run.config.validation, previous_volume(run.workspace, run.run_date))
+    failures = run_suites(snapshot, run.run_date, run.config.validation, previous_snapshot(run.workspace, run.run_date))
     if failures:
         target = run.partition("quarantine")
         write_json(failures, snapshot.path / "reasons.json")
@@ -60,8 +60,9 @@ def validate(run: Run, snapshot: Snapshot) -> Snapshot:
     return published
 
 
-def previous_volume(workspace: Path, run_date: dt.date) -> tuple[dt.date, int] | None:
-    """(run date, interactions) of the latest validated snapshot before `run_date`."""
+def previous_snapshot(workspace: Path, run_date: dt.date) -> Snapshot | None:
+    """The latest validated snapshot before `run_date`, what tonight's drift and volume are
+    measured against."""
     earlier = sorted(
         (path for path in (workspace / "snapshots").glob("run_date=*") if path.name.removeprefix("run_date=") < str(run_date)),
         reverse=True,
@@ -69,22 +70,64 @@ def previous_volume(workspace: Path, run_date: dt.date) -> tuple[dt.date, int] |
     for path in earlier:
         try:
             record = json.loads((path / STAGE_RECORD).read_text())["record"]
+            found = Snapshot.model_validate(record | {"path": path})
         except (OSError, ValueError, KeyError):
             continue
-        return dt.date.fromisoformat(path.name.removeprefix("run_date=")), int(record["n_interactions"])
+        if found.interactions.exists():
+            return found
     return None
 
 
-def run_suites(
-    snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, previous: tuple[dt.date, int] | None = None
-) -> list[dict]:
-    """Run every suite on the snapshot; write results and Data Docs beside it
+def drift(interactions: pl.DataFrame, items: pl.DataFrame | None, previous: Snapshot) -> dict[str, pl.DataFrame]:
+    """What tonight's input is compared with `previous` on, as frames for the drift suite:
+    `events` (per event: from a user, of an item, that `previous` did not hold), `users`
+    (each user's events, as a power-of-two bucket), `categories` (the categories of a
+    sample of events, when both nights have an items table); and the same distributions
+    of `previous` (`reference_*`, label -> events)."""
+    before = pl.read_parquet(previous.interactions, columns=["user_id", "item_id"])
+    frames = {
+        "events": interactions.select(
+            (~pl.col("user_id").is_in(before["user_id"].unique().implode())).cast(pl.Int8).alias("new_user"),
+            (~pl.col("item_id").is_in(before["item_id"].unique().implode())).cast(pl.Int8).alias("new_item"),
+        ),
+        "users": _per_user(interactions),
+        "reference_users": _per_user(before).group_by("bucket").len(),
+    }
+    if items is not None and previous.has_items and previous.items.exists():
+        frames["categories"] = _categories(interactions, items)
+        before_items = pl.read_parquet(previous.items, columns=["item_id", "categories"])
+        frames["reference_categories"] = _categories(before, before_items).group_by("category").len()
+    return frames
+
+
+DRIFT_SAMPLE = 200_000  # events whose categories the category mix is measured on
+
+
+def _per_user(interactions: pl.DataFrame) -> pl.DataFrame:
+    """One row per user: the power-of-two bucket of their event count ("4-7")."""
+    low = (2 ** pl.len().log(2).floor()).cast(pl.Int64)
+    return interactions.group_by("user_id").agg(
+        pl.format("{}-{}", low, 2 * low - 1).alias("bucket")).select("bucket")
+
+
+def _categories(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """The categories of (a seeded sample of) the events, one row per event and category."""
+    sample = interactions.select("item_id")
+    if sample.height > DRIFT_SAMPLE:
+        sample = sample.sample(DRIFT_SAMPLE, seed=0)
+    return (sample.join(items.select("item_id", "categories"), on="item_id").explode("categories")
+            .select(pl.col("categories").alias("category")).drop_nulls())
+
+
+def run_suites(snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, previous: Snapshot | None = None) -> list[dict]:
+    """Run every suite on the snapshot (with `previous`, the latest earlier snapshot, the
+    volume and drift checks too); write results and Data Docs beside it
     (`Snapshot.validation`); return the failures."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
     from schemas.rules import servable_catalogue, serving_moment
-    from schemas.suites import catalogue_suite, exclusions_suite, interactions_suite, items_suite
+    from schemas.suites import catalogue_suite, drift_suites, exclusions_suite, interactions_suite, items_suite
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="great_expectations")
@@ -102,8 +145,9 @@ def run_suites(
     source = context.data_sources.add_pandas(name="snapshot")
     items = pl.read_parquet(snapshot.items) if snapshot.has_items else None
     interactions = pl.read_parquet(snapshot.interactions)
+    volume = (previous.path.name.removeprefix("run_date="), previous.n_interactions) if previous else None
     tables = [("interactions", _without_user_ids(interactions), interactions_suite(
-        cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None, previous
+        cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None, volume
     ))]
     if items is not None:
         tables.append(("items", items.select("item_id"), items_suite()))
@@ -113,6 +157,9 @@ def run_suites(
     catalogue = items if items is not None else interactions.select("item_id").unique()
     servable = servable_catalogue(catalogue, exclusions, serving_moment(run_date)).select(pl.col("servable").cast(pl.Int8))
     tables.append(("catalogue", servable, catalogue_suite(run_date)))
+    if previous is not None:
+        frames = drift(interactions, items, previous)
+        tables += [(f"drift_{name}", frames[name], suite) for name, suite in drift_suites(cfg, volume[0], frames).items()]
     failures = []
     for name, frame, suite in tables:
         batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all")
@@ -130,7 +177,8 @@ def run_suites(
         frame_pd = frame.to_pandas(use_pyarrow_extension_array=True)
         result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame_pd}).run_results.values()))
         write_json(result.to_json_dict(), snapshot.validation / f"{name}.json")
-        file = snapshot.origin.get("items" if snapshot.has_items else "interactions") if name == "catalogue" else None
+        file = snapshot.origin.get("items" if snapshot.has_items else "interactions") if name == "catalogue" else \
+            snapshot.origin.get("interactions") if name.startswith("drift_") else None
         failures += [_describe(r, file or snapshot.origin.get(name, name)) for r in result.results if not r.success]
     log.info("validation: %d failed expectation(s)", len(failures))
     return failures
@@ -159,14 +207,17 @@ def _describe(result, file: str) -> dict:
             + (f", e.g. {', '.join(sample)}" if sample else "")
         )
     else:
-        detail = f"observed {outcome.get('observed_value')!r}, expected {_expected(config.kwargs)}"
+        observed = outcome.get("observed_value")
+        observed = f"{float(observed):.4g}" if isinstance(observed, (int, float)) else repr(observed)
+        detail = f"observed {observed}, expected {_expected(config.kwargs)}"
     if (config.meta or {}).get("check"):
         detail = f"{config.meta['check']}: {detail}"
     return {"file": file, "expectation": config.type, "column": column, "detail": detail}
 
 
 def _expected(kwargs: dict) -> str:
-    bounds = {k: v for k, v in kwargs.items() if k in ("min_value", "max_value", "value_set") and v is not None}
+    bounds = {k: v for k, v in kwargs.items() if k in ("min_value", "max_value", "value_set", "threshold")
+              and v is not None}
     return ", ".join(f"{k}={v}" for k, v in bounds.items()) or "the column to exist"
 
 

@@ -96,6 +96,16 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
     table = pl.read_parquet(workspace / "recommendations" / f"run_date={RUN_DATE}" / "*.parquet")
     assert set(table["model_version"]) == {str(champion.version)}
     assert (workspace / "models" / run.data.tags["model_key"] / "retrieval" / "saved_model.pb").exists()
+    # lineage: the validated snapshot is the run's dataset input (the registered versions' run)
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"synthetic-interactions", "synthetic-items"}
+    snapshot = workspace / "snapshots" / f"run_date={RUN_DATE}"
+    assert json.loads(inputs["synthetic-interactions"].source)["uri"] == str(snapshot / "interactions.parquet")
+    interactions = pl.read_parquet(snapshot / "interactions.parquet")
+    assert json.loads(inputs["synthetic-interactions"].profile)["num_rows"] == interactions.height
+    assert "user_id" in inputs["synthetic-interactions"].schema
+    assert summary["lists_compared_with"] is None and summary["lists_short_lists"] == 0  # the first night
+    assert run.data.metrics["lists_coverage"] == summary["lists_coverage"] > 0
 
 
 def test_the_champion_loads_as_an_mlflow_model_that_answers_with_the_published_lists(nightly_run, monkeypatch):
@@ -291,6 +301,50 @@ def test_a_rerun_with_unchanged_input_reuses_every_stage_and_keeps_the_output(co
     assert set(first_run.data.metrics) <= set(run.data.metrics)  # the compare view lines the runs up
     assert run.data.metrics["ndcg_at_10"] == first_run.data.metrics["ndcg_at_10"]
     assert len(client.search_model_versions("name='recflow-retrieval'")) == 1  # nothing registered twice
+    assert _digests(run) == _digests(first_run)  # identical input, identical dataset digests
+
+
+def _digests(run) -> dict[str, str]:
+    return {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+
+
+def test_a_fault_in_scoring_fails_the_list_health_gate_and_the_next_normal_night_publishes(copy_of_run, monkeypatch):
+    import tasks.score
+    from flows.nightly import nightly
+    from tasks.health import ListsUnhealthy
+
+    workspace, first, config = copy_of_run
+    before = _checksums(workspace / "recommendations" / f"run_date={RUN_DATE}")
+    night = RUN_DATE + dt.timedelta(days=1)
+    real = tasks.score.recommend
+
+    def same_for_everyone(models, features, users, *args, **kwargs):
+        recs = real(models, features, users, *args, **kwargs)
+        first_list = recs.filter(pl.col("user_idx") == recs["user_idx"].min()).drop("user_idx")
+        return pl.DataFrame({"user_idx": users}).cast(recs.schema["user_idx"]).join(first_list, how="cross")
+
+    def half_dropped(models, features, users, *args, **kwargs):
+        return real(models, features, users, *args, **kwargs).filter(pl.col("user_idx") % 2 == 0)
+
+    for fault, figure in ((same_for_everyone, "coverage_change"), (half_dropped, "short_lists")):
+        monkeypatch.setattr(tasks.score, "recommend", fault)
+        with pytest.raises(ListsUnhealthy) as error:
+            nightly(config(run_date=night))
+        message = str(error.value)
+        assert message.startswith(f"list health: {figure} ") and f"monitoring.{'min' if 'coverage' in figure else 'max'}_{figure}" in message
+        assert message.endswith(f"nothing published, {RUN_DATE} stays current") and "\n" not in message
+        assert not (workspace / "recommendations" / f"run_date={night}").exists()
+        assert _checksums(workspace / "recommendations" / f"run_date={RUN_DATE}") == before
+    monkeypatch.setattr(tasks.score, "recommend", real)
+    client = mlflow_client(workspace)
+    failed = client.search_runs([client.get_experiment_by_name("recflow-copy").experiment_id],
+                                filter_string="attributes.status = 'FAILED'")
+    assert len(failed) == 2 and all(r.data.metrics["lists_short_lists"] >= 0 for r in failed)
+    assert max(r.data.metrics["lists_short_lists"] for r in failed) >= 0.4  # the figures of a breach are logged
+    summary = nightly(config(run_date=night))
+    assert summary["lists_compared_with"] == str(RUN_DATE) and summary["lists_new_lists"] < 0.8
+    assert (workspace / "recommendations" / f"run_date={night}").exists()
+    assert _digests(client.get_run(summary["nightly_run_id"])) != _digests(client.get_run(first["nightly_run_id"]))
 
 
 def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(copy_of_run):

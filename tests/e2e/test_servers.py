@@ -42,8 +42,10 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
 def stack(tmp_path_factory):
     directory = tmp_path_factory.mktemp("stack")
     ports = {"prefect": _free_port(), "mlflow": _free_port()}
+    # alerts go to a webhook nothing listens on: no test here makes a run fail or wait
     started = _cli("stack", "up", "--dir", str(directory), "--prefect-port", str(ports["prefect"]),
-                   "--mlflow-port", str(ports["mlflow"]))
+                   "--mlflow-port", str(ports["mlflow"]),
+                   env=os.environ | {"RECFLOW_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{_free_port()}/hook"})
     try:
         assert started.returncode == 0, started.stderr + started.stdout
         urls = {"prefect": f"http://127.0.0.1:{ports['prefect']}", "mlflow": f"http://127.0.0.1:{ports['mlflow']}"}
@@ -54,6 +56,18 @@ def stack(tmp_path_factory):
     finally:
         stopped = _cli("stack", "down", "--dir", str(directory))
         assert stopped.returncode == 0, stopped.stderr
+
+
+def test_stack_up_applies_the_alerts_of_infra_automations_yaml(stack):
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"{stack['prefect']}/api"}), get_client(sync_client=True) as client:
+        automations = client.read_automations()
+    expected = yaml.safe_load((ROOT / "infra" / "automations.yaml").read_text())["automations"]
+    assert sorted(a.name for a in automations) == sorted(spec["name"] for spec in expected)
+    assert all(a.enabled and a.actions[0].type == "send-notification" for a in automations)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,15 @@ does (the deployment's parameters with some fields changed) on the small synthet
 servers are killed and restarted under them; 17 runs are asked for at once.
 
 Each test uses its own run dates and, where it counts runs or partitions, its own
-workspace and MLflow experiment, so the tests pass in any order on the one stack.
+workspace and MLflow experiment, so the tests pass in any order on the one stack. The
+stack's alerts (infra/automations.yaml) post to a webhook receiver on loopback that the
+module starts; each alert test looks only for the notifications naming its own flow run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import os
 import shutil
@@ -18,6 +21,7 @@ import signal
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +33,42 @@ from tests.conftest import FAST_RUN, ROOT, cli
 pytestmark = pytest.mark.production
 
 REPORT = ROOT / "test-artifacts" / "production-load.json"
+ALERTS = ROOT / "test-artifacts" / "production-alerts.json"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+LATE_AFTER_S = 20  # the stack's Late threshold here: a run the worker has not started 20 s after its schedule
+
+
+class Receiver:
+    """A webhook endpoint on loopback, standing in for Slack: it keeps the `text` of each
+    JSON POST it receives."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body)["text"])
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def naming(self, *words: str, timeout: float, settle: float = 0) -> list[str]:
+        """The notifications holding every one of `words`, once at least one has come (or
+        `timeout` s have passed), and `settle` s more for any second copy."""
+        deadline = time.monotonic() + timeout
+        while not (found := [t for t in self.received if all(w in t for w in words)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if found and settle:
+            time.sleep(settle)
+            found = [t for t in self.received if all(w in t for w in words)]
+        return found
 
 
 def _free_port() -> int:
@@ -41,8 +80,9 @@ def _free_port() -> int:
 class Stack:
     """The stack under test: its directory, ports and API clients."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, receiver: Receiver):
         self.directory = directory
+        self.receiver = receiver
         self.ports = {"prefect": _free_port(), "mlflow": _free_port(), "postgres": _free_port()}
         self.prefect = f"http://127.0.0.1:{self.ports['prefect']}/api"
         self.mlflow = f"http://127.0.0.1:{self.ports['mlflow']}"
@@ -51,9 +91,12 @@ class Stack:
         """`recflow stack up --backend postgres`; what it started."""
         done = cli("stack", "up", "--backend", "postgres", "--dir", str(self.directory),
                    "--prefect-port", str(self.ports["prefect"]), "--mlflow-port", str(self.ports["mlflow"]),
-                   "--postgres-port", str(self.ports["postgres"]), timeout=600)
+                   "--postgres-port", str(self.ports["postgres"]), timeout=600,
+                   env=os.environ | {"RECFLOW_ALERT_WEBHOOK_URL": self.receiver.url,
+                                     "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": str(LATE_AFTER_S)})
         assert done.returncode == 0, done.stdout + done.stderr + self.logs()
-        return done.stdout.split("(started: ")[1].split(")")[0]
+        assert "alerts: 4 automations of infra/automations.yaml" in done.stdout, done.stdout
+        return done.stdout.split("(started: ")[1].split(";")[0]
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         """Stop one process of the stack (its process group) and wait until it is gone."""
@@ -89,8 +132,11 @@ class Stack:
         return str(run.id)
 
     def state(self, flow_run_id: str):
+        return self.flow_run(flow_run_id).state
+
+    def flow_run(self, flow_run_id: str):
         with self.client() as client:
-            return client.read_flow_run(flow_run_id).state
+            return client.read_flow_run(flow_run_id)
 
     def wait(self, flow_run_id: str, timeout: float = 600):
         """The flow run's final state."""
@@ -120,11 +166,13 @@ def stack():
     # must be reachable by that user, which pytest's private tmp directories are not.
     directory = Path(tempfile.mkdtemp(prefix="recflow-production-"))
     directory.chmod(0o755)
-    stack = Stack(directory)
+    stack = Stack(directory, Receiver())
     try:
         assert stack.up() == "postgres,prefect,mlflow,worker"
         yield stack
     finally:
+        ALERTS.parent.mkdir(parents=True, exist_ok=True)
+        ALERTS.write_text(json.dumps(stack.receiver.received, indent=2))  # what the team would have been told
         stopped = cli("stack", "down", "--dir", str(directory), timeout=300)
         assert stopped.returncode == 0, stopped.stderr
         assert not any(s["alive"] for s in _status(directory).values())
@@ -167,7 +215,65 @@ def test_the_stack_is_postgres_backed_with_a_work_pool_and_the_infra_deployments
     assert nightly.work_pool_name == backfill.work_pool_name == "recflow"
     assert nightly.schedules[0].schedule.cron == "0 2 * * *"
     assert nightly.parameters["config"]["workspace"] == str(stack.directory / "workspace")
-    assert stack.up() == "nothing"  # a second `up` leaves a running stack alone
+    assert stack.up() == "nothing"  # a second `up` leaves a running stack alone, and its alerts
+    with stack.client() as client:
+        names = [automation.name for automation in client.read_automations()]
+    assert sorted(names) == sorted(["recflow: nightly run failed", "recflow: nightly run late",
+                                    "recflow: no nightly run completed in 26 hours", "recflow: lists unhealthy"])
+
+
+def test_a_failed_nightly_run_delivers_one_notification_naming_it_within_60_seconds(stack):
+    run_id = stack.submit("recflow-nightly/nightly",
+                          config={"run_date": "2026-10-21", "source": str(stack.directory / "no-such-source")})
+    state = stack.wait(run_id)
+    assert state.is_failed() and "no-such-source" in state.message, state
+    name = stack.flow_run(run_id).name
+    found = stack.receiver.naming(f"nightly run {name} Failed", timeout=60, settle=10)
+    assert len(found) == 1, stack.receiver.received
+    assert "no-such-source" in found[0] and f"/runs/flow-run/{run_id}" in found[0], found[0]
+
+
+def test_a_run_no_worker_picks_up_delivers_a_late_notification(stack):
+    """A deployment of the nightly flow on a pool no worker polls: its run never starts."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Scheduled
+
+    with stack.client() as client:
+        pool = client.create_work_pool(WorkPoolCreate(name="recflow-unattended", type="process"), overwrite=True)
+        flow_id = client.read_deployment_by_name("recflow-nightly/nightly").flow_id
+        deployment = client.create_deployment(flow_id=flow_id, name="late-probe", work_pool_name=pool.name,
+                                              entrypoint="flows/nightly.py:nightly")
+        run = client.create_flow_run_from_deployment(deployment, state=Scheduled())
+    try:
+        found = stack.receiver.naming(f"nightly run {run.name} Late", timeout=LATE_AFTER_S + 60)
+        assert len(found) == 1 and f"/runs/flow-run/{run.id}" in found[0], stack.receiver.received
+    finally:
+        with stack.client() as client:
+            client.delete_flow_run(run.id)
+            client.delete_deployment(deployment)
+            client.delete_work_pool(pool.name)
+
+
+def test_a_list_health_breach_fails_the_run_keeps_the_last_lists_and_delivers_one_notification(stack):
+    from tasks.health import last_published
+
+    workspace, day = stack.directory / "workspace", dt.date(2026, 10, 3)
+    if last_published(workspace, day) is None:
+        assert stack.wait(stack.submit("recflow-nightly/nightly", config={"run_date": "2026-09-30"})).is_completed()
+    before = last_published(workspace, day)
+    files = {path: path.read_bytes() for path in before.iterdir()}
+    # a threshold no list can meet: tonight's coverage would have to be 1000x the last night's
+    run_id = stack.submit("recflow-nightly/nightly",
+                          config={"run_date": day.isoformat(), "monitoring": {"min_coverage_change": 1000}})
+    state = stack.wait(run_id)
+    assert state.is_failed(), state
+    assert "list health: coverage_change" in state.message and "monitoring.min_coverage_change 1000" in state.message
+    assert _partition(workspace, day) is None
+    assert last_published(workspace, day) == before and {p: p.read_bytes() for p in before.iterdir()} == files
+    name = stack.flow_run(run_id).name
+    found = stack.receiver.naming(f"Flow run {name}: tonight's lists", timeout=60, settle=10)
+    assert len(found) == 1 and "coverage_change" in found[0] and f"/runs/flow-run/{run_id}" in found[0], found
+    assert len(stack.receiver.naming(f"nightly run {name} Failed", timeout=60)) == 1
 
 
 def test_nightly_and_custom_runs_through_the_api_complete_with_mlflow_registry_and_partitions(stack):

@@ -91,3 +91,40 @@ def test_too_few_users_fail_the_minimum(tmp_path, clean):
     interactions, _ = clean
     with pytest.raises(ValidationFailed, match=r"expect_column_unique_value_count_to_be_between\(user_id\)"):
         run(tmp_path, interactions, None, min_users=1000)
+
+
+def _night(tmp_path: Path, day: dt.date, interactions: pl.DataFrame, items: pl.DataFrame):
+    source = write_source(tmp_path / f"source-{day}", interactions, items)
+    run = make_run(tmp_path / "ws", day, source=str(source), synthetic=SMALL, seed=0)
+    return validate(run, ingest(run))
+
+
+def test_drift_against_the_latest_earlier_snapshot_passes_a_normal_night_and_is_in_the_results(tmp_path):
+    first, second = RUN_DATE, RUN_DATE + dt.timedelta(days=1)
+    _night(tmp_path, first, *generate_synthetic(SMALL, first, 3))
+    published = _night(tmp_path, second, *generate_synthetic(SMALL, second, 3))
+    observed = {name: [r["result"]["observed_value"] for r in json.loads(
+        (published.validation / f"drift_{name}.json").read_text())["results"]] for name in ("events", "users", "categories")}
+    assert observed["events"] == [0.0, 0.0]  # the synthetic world grows: no new user or item in one day
+    assert 0 <= observed["users"][0] < 0.2 and 0 <= observed["categories"][0] < 0.2
+
+
+@pytest.mark.parametrize("flip, named", [
+    ("users", "expect_column_mean_to_be_between(new_user): share of events from users 2026-11-20 did not have, "
+              "max_new_user_share is 0.5: observed 1, expected max_value=0.5"),
+    ("categories", "expect_column_kl_divergence_to_be_less_than(category): category mix of the events against "
+                   "2026-11-20's (KL divergence): observed "),
+])
+def test_a_night_whose_users_or_category_mix_flipped_fails_validation_naming_the_figure(tmp_path, flip, named):
+    first, second = RUN_DATE, RUN_DATE + dt.timedelta(days=1)
+    _night(tmp_path, first, *generate_synthetic(SMALL, first, 3))
+    interactions, items = generate_synthetic(SMALL, second, 3)
+    if flip == "users":  # every user id new: another population, or a broken id join upstream
+        interactions = interactions.with_columns(pl.format("new-{}", pl.col("user_id")).alias("user_id"))
+    else:  # every item in one category
+        items = items.with_columns(pl.lit(["c0"]).alias("categories"))
+    with pytest.raises(ValidationFailed) as error:
+        _night(tmp_path, second, interactions, items)
+    assert named in str(error.value) and "\n" not in str(error.value)
+    assert (tmp_path / "ws" / "quarantine" / f"run_date={second}" / "reasons.json").exists()
+    assert not (tmp_path / "ws" / "snapshots" / f"run_date={second}").exists()
