@@ -184,6 +184,8 @@ def health_table(reports: dict[str, dict]) -> str:
             cells.append(f"{(max if at_most else min)(values):.4f}" if values else "")
         rows.append(f"| {figure} ({'worst: highest' if at_most else 'worst: lowest'}) | `{key}` "
                     f"{defaults[section][key]} | " + " | ".join(cells) + " |")
+    rows.append("| nights a new model was promoted (after the first) | | " + " | ".join(
+        str(sum(night["promoted"] for night in reports[name]["nights"][1:])) for name in names) + " |")
     rows.append("| every night passes the defaults | | " + " | ".join(
         "yes" if reports[name]["passed"] else "no" for name in names) + " |")
     return "\n".join(rows)

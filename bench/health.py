@@ -34,8 +34,8 @@ SYNTHETIC_START = dt.date(2026, 11, 14)
 OFF = {"monitoring": {name: None for name in MonitoringConfig.model_fields},
        "validation": {"max_new_user_share": 1.0, "max_new_item_share": 1.0, "max_events_per_user_kl": 1e9,
                       "max_category_kl": 1e9}}
-DRIFT = {"drift_events": ["new_user_share", "new_item_share"], "drift_users": ["events_per_user_kl"],
-         "drift_categories": ["category_kl"]}
+DRIFT = {"new_user": "new_user_share", "new_item": "new_item_share", "bucket": "events_per_user_kl",
+         "category": "category_kl"}  # the drift suites' columns -> the figures
 
 
 def nights(dataset: str, count: int) -> list[dt.date]:
@@ -60,10 +60,9 @@ def night(dataset: str, day: dt.date, workspace: Path, config: Path) -> dict:
              **{name.removeprefix("lists_"): value for name, value in summary.items()
                 if name.startswith("lists_") and name != "lists_compared_with"}}
     validation = workspace / "snapshots" / f"run_date={day}" / "validation"
-    for table, names in DRIFT.items():
-        if (validation / f"{table}.json").exists():
-            results = json.loads((validation / f"{table}.json").read_text())["results"]
-            found |= {name: result["result"]["observed_value"] for name, result in zip(names, results)}
+    for results in validation.glob("drift_*.json"):
+        found |= {DRIFT[result["expectation_config"]["kwargs"]["column"]]: result["result"]["observed_value"]
+                  for result in json.loads(results.read_text())["results"]}
     return found
 
 

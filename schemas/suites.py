@@ -56,13 +56,12 @@ def drift_suites(cfg: ValidationConfig, earlier: str, frames: dict) -> dict[str,
     item categories) as KL divergences from `earlier`'s (`frames["reference_*"]`, label ->
     count; every label of either night kept, with one extra count each so that a label
     only one night has is a finite surprise)."""
+    shares = {"new_user": ("users", cfg.max_new_user_share), "new_item": ("items", cfg.max_new_item_share)}
     suites = {"events": gx.ExpectationSuite(name="drift_events", expectations=[
-        gxe.ExpectColumnMeanToBeBetween(column="new_user", max_value=cfg.max_new_user_share, meta={
-            "check": f"share of events from users {earlier} did not have, max_new_user_share is "
-                     f"{cfg.max_new_user_share:g}"}),
-        gxe.ExpectColumnMeanToBeBetween(column="new_item", max_value=cfg.max_new_item_share, meta={
-            "check": f"share of events on items {earlier} did not have, max_new_item_share is "
-                     f"{cfg.max_new_item_share:g}"}),
+        gxe.ExpectColumnMeanToBeBetween(column=column, max_value=threshold, meta={
+            "check": f"share of events {'from' if what == 'users' else 'on'} {what} {earlier} did not have, "
+                     f"max_{column}_share is {threshold:g}"})
+        for column, (what, threshold) in shares.items() if column in frames["events"].columns
     ])}
     for name, column, threshold, reads in (
         ("users", "bucket", cfg.max_events_per_user_kl, "events per user"),

@@ -127,6 +127,7 @@ class Snapshot(StageRecord):
     has_items: bool
     data_hash: str
     origin: dict[str, str]  # table -> the file it was read from, for error messages
+    pseudonym_key: str | None = None  # which key made the user ids pseudonyms (tasks/privacy.py), if any
 
     @property
     def interactions(self) -> Path:

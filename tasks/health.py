@@ -36,10 +36,18 @@ class ListsUnhealthy(RecflowError):
 
 
 def last_published(workspace: Path, run_date) -> Path | None:
-    """The latest recommendations partition before `run_date` (None: the first night)."""
-    earlier = sorted(p for p in (workspace / "recommendations").glob("run_date=*")
-                     if p.name.removeprefix("run_date=") < run_date.isoformat() and any(p.glob("*.parquet")))
-    return earlier[-1] if earlier else None
+    """The latest readable recommendations partition before `run_date` (None: the first
+    night). One that cannot be read (damaged by hand: publishing is atomic) is passed over
+    with a warning."""
+    earlier = sorted((p for p in (workspace / "recommendations").glob("run_date=*")
+                      if p.name.removeprefix("run_date=") < run_date.isoformat()), reverse=True)
+    for path in earlier:
+        try:
+            if [pl.read_parquet_schema(part) for part in path.glob("*.parquet")]:
+                return path
+        except (OSError, pl.exceptions.PolarsError) as error:
+            log.warning("list health: passing over %s, which cannot be read (%s)", path, error)
+    return None
 
 
 def figures(tonight: pl.DataFrame, previous: pl.DataFrame | None, popularity: pl.DataFrame, n_users: int,

@@ -84,7 +84,8 @@ def ingest(run: Run) -> Snapshot:
         log.info("privacy: user ids pseudonymised with the key in privacy.key_file")
     staged = temp_dir(run.workspace, "snapshot")
     snapshot = Snapshot(key=key, path=staged, source=cfg.source, n_interactions=0, n_users=0, n_items=0,
-                        has_items=items is not None, data_hash="", origin=origin)
+                        has_items=items is not None, data_hash="", origin=origin,
+                        pseudonym_key=privacy.fingerprint(cfg.privacy, run.workspace)["key"])
     if lenient:
         interactions, rejected = quarantine_rows(interactions, items, cfg.validation, run.run_date,
                                                  origin["interactions"])

@@ -78,18 +78,23 @@ def previous_snapshot(workspace: Path, run_date: dt.date) -> Snapshot | None:
     return None
 
 
-def drift(interactions: pl.DataFrame, items: pl.DataFrame | None, previous: Snapshot) -> dict[str, pl.DataFrame]:
+def drift(snapshot: Snapshot, interactions: pl.DataFrame, items: pl.DataFrame | None,
+          previous: Snapshot) -> dict[str, pl.DataFrame]:
     """What tonight's input is compared with `previous` on, as frames for the drift suite:
-    `events` (per event: from a user, of an item, that `previous` did not hold), `users`
-    (each user's events, as a power-of-two bucket), `categories` (the categories of a
-    sample of events, when both nights have an items table); and the same distributions
-    of `previous` (`reference_*`, label -> events)."""
+    `events` (per event: of an item and, when both nights' user ids are comparable, from a
+    user that `previous` did not hold), `users` (each user's events, as a power-of-two
+    bucket), `categories` (the categories of a sample of events, when both nights have an
+    items table); and the same distributions of `previous` (`reference_*`, label ->
+    events)."""
     before = pl.read_parquet(previous.interactions, columns=["user_id", "item_id"])
+    new = [(~pl.col("item_id").is_in(before["item_id"].unique().implode())).cast(pl.Int8).alias("new_item")]
+    if snapshot.pseudonym_key == previous.pseudonym_key:
+        new.append((~pl.col("user_id").is_in(before["user_id"].unique().implode())).cast(pl.Int8).alias("new_user"))
+    else:
+        log.info("validation: user ids are pseudonyms of another key than %s's: new users not counted",
+                 previous.path.name.removeprefix("run_date="))
     frames = {
-        "events": interactions.select(
-            (~pl.col("user_id").is_in(before["user_id"].unique().implode())).cast(pl.Int8).alias("new_user"),
-            (~pl.col("item_id").is_in(before["item_id"].unique().implode())).cast(pl.Int8).alias("new_item"),
-        ),
+        "events": interactions.select(new),
         "users": _per_user(interactions),
         "reference_users": _per_user(before).group_by("bucket").len(),
     }
@@ -157,8 +162,8 @@ def run_suites(snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, pre
     catalogue = items if items is not None else interactions.select("item_id").unique()
     servable = servable_catalogue(catalogue, exclusions, serving_moment(run_date)).select(pl.col("servable").cast(pl.Int8))
     tables.append(("catalogue", servable, catalogue_suite(run_date)))
-    if previous is not None:
-        frames = drift(interactions, items, previous)
+    if previous is not None and interactions.height:  # (no rows: the row count already fails)
+        frames = drift(snapshot, interactions, items, previous)
         tables += [(f"drift_{name}", frames[name], suite) for name, suite in drift_suites(cfg, volume[0], frames).items()]
     failures = []
     for name, frame, suite in tables:

@@ -373,7 +373,7 @@ def test_cli_prints_a_users_list_with_titles_and_the_last_runs_side_by_side(nigh
     runs = cli("runs", "--last", "3", "--workspace", str(workspace))
     assert runs.returncode == 0, runs.stderr
     assert f"{RUN_DATE} ({summary['nightly_run_id'][:6]})" in runs.stdout  # the one run so far
-    assert "ndcg@10" in runs.stdout and "champion ndcg@10" in runs.stdout
+    assert "ndcg@10" in runs.stdout and "champion ndcg@10" in runs.stdout and "short lists" in runs.stdout
 
 
 def test_commands_that_only_read_import_no_tensorflow_great_expectations_prefect_or_mlflow(nightly_run):

@@ -147,7 +147,7 @@ def test_a_run_triggered_through_the_api_completes_with_artifacts_mlflow_and_out
     flow_run = served_run["flow_run"]
     assert flow_run.state.is_completed(), flow_run.state
     keys = {a.key for a in served_run["artifacts"]}
-    assert {"validation", "metrics", "champion-decision", "mlflow-run", "mlflow-runs", "nightly-summary"} <= keys
+    assert {"validation", "metrics", "champion-decision", "list-health", "mlflow-run", "mlflow-runs", "nightly-summary"} <= keys
     client, run = _mlflow_run(served_run)
     assert run.data.params["top_k"] == "7" and run.data.params["run_date"] == RUN_DATE.isoformat()
     assert {"ndcg_at_10", "recall_at_10", "popularity_ndcg_at_10", "time_total_s"} <= set(run.data.metrics)

@@ -69,3 +69,18 @@ def test_psi_is_zero_for_the_same_scores_and_grows_with_a_shift():
     assert psi(scores, scores) == 0
     assert psi(scores, rng.normal(size=5000)) < 0.05
     assert psi(scores, scores + 1) > 0.5 and psi(scores, scores + 3) > psi(scores, scores + 1)
+
+
+def test_the_last_published_partition_passes_over_one_that_cannot_be_read(tmp_path):
+    import datetime as dt
+
+    from tasks.health import last_published
+
+    assert last_published(tmp_path, dt.date(2026, 11, 20)) is None  # the first night
+    good, damaged, later = (tmp_path / "recommendations" / f"run_date=2026-11-{day}" for day in (17, 18, 21))
+    for path in (good, damaged, later):
+        path.mkdir(parents=True)
+    lists(3, spread).write_parquet(good / "part-00000.parquet")
+    (damaged / "part-00000.parquet").write_bytes(b"")
+    lists(3, spread).write_parquet(later / "part-00000.parquet")
+    assert last_published(tmp_path, dt.date(2026, 11, 20)) == good

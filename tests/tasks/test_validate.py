@@ -93,9 +93,9 @@ def test_too_few_users_fail_the_minimum(tmp_path, clean):
         run(tmp_path, interactions, None, min_users=1000)
 
 
-def _night(tmp_path: Path, day: dt.date, interactions: pl.DataFrame, items: pl.DataFrame):
+def _night(tmp_path: Path, day: dt.date, interactions: pl.DataFrame, items: pl.DataFrame, **config):
     source = write_source(tmp_path / f"source-{day}", interactions, items)
-    run = make_run(tmp_path / "ws", day, source=str(source), synthetic=SMALL, seed=0)
+    run = make_run(tmp_path / "ws", day, source=str(source), synthetic=SMALL, seed=0, **config)
     return validate(run, ingest(run))
 
 
@@ -128,3 +128,13 @@ def test_a_night_whose_users_or_category_mix_flipped_fails_validation_naming_the
     assert named in str(error.value) and "\n" not in str(error.value)
     assert (tmp_path / "ws" / "quarantine" / f"run_date={second}" / "reasons.json").exists()
     assert not (tmp_path / "ws" / "snapshots" / f"run_date={second}").exists()
+
+
+def test_user_ids_pseudonymised_with_a_new_key_are_not_counted_as_new_users(tmp_path):
+    first, second = RUN_DATE, RUN_DATE + dt.timedelta(days=1)
+    _night(tmp_path, first, *generate_synthetic(SMALL, first, 3))
+    key = tmp_path / "secret.key"
+    key.write_text("0123456789abcdef-not-a-real-secret")
+    published = _night(tmp_path, second, *generate_synthetic(SMALL, second, 3), privacy={"key_file": str(key)})
+    results = json.loads((published.validation / "drift_events.json").read_text())["results"]
+    assert [r["expectation_config"]["kwargs"]["column"] for r in results] == ["new_item"]
