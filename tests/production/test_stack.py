@@ -44,11 +44,15 @@ class Receiver:
 
     def __init__(self):
         received = self.received = []
+        self.arrived: dict[str, float] = {}  # text -> when it came (time.monotonic())
+        self.measured: dict[str, float] = {}  # what the tests measured, for the report
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append(json.loads(body)["text"])
+            def do_POST(this):
+                body = this.rfile.read(int(this.headers.get("Content-Length", 0)))
+                text = json.loads(body)["text"]
+                self.arrived.setdefault(text, time.monotonic())
+                received.append(text)
                 self.send_response(200)
                 self.end_headers()
 
@@ -172,7 +176,8 @@ def stack():
         yield stack
     finally:
         ALERTS.parent.mkdir(parents=True, exist_ok=True)
-        ALERTS.write_text(json.dumps(stack.receiver.received, indent=2))  # what the team would have been told
+        ALERTS.write_text(json.dumps({"measured": stack.receiver.measured,  # what the team would have been told
+                                      "notifications": stack.receiver.received}, indent=2))
         stopped = cli("stack", "down", "--dir", str(directory), timeout=300)
         assert stopped.returncode == 0, stopped.stderr
         assert not any(s["alive"] for s in _status(directory).values())
@@ -227,9 +232,13 @@ def test_a_failed_nightly_run_delivers_one_notification_naming_it_within_60_seco
                           config={"run_date": "2026-10-21", "source": str(stack.directory / "no-such-source")})
     state = stack.wait(run_id)
     assert state.is_failed() and "no-such-source" in state.message, state
+    ended = time.monotonic()
     name = stack.flow_run(run_id).name
     found = stack.receiver.naming(f"nightly run {name} Failed", timeout=60, settle=10)
     assert len(found) == 1, stack.receiver.received
+    # (the run's end is seen by polling every 2 s, so this is the delay at most)
+    stack.receiver.measured["failed_run_notified_within_s"] = round(max(0.0, stack.receiver.arrived[found[0]] - ended)
+                                                                    + 2, 1)
     assert "no-such-source" in found[0] and f"/runs/flow-run/{run_id}" in found[0], found[0]
 
 
@@ -244,9 +253,12 @@ def test_a_run_no_worker_picks_up_delivers_a_late_notification(stack):
         deployment = client.create_deployment(flow_id=flow_id, name="late-probe", work_pool_name=pool.name,
                                               entrypoint="flows/nightly.py:nightly")
         run = client.create_flow_run_from_deployment(deployment, state=Scheduled())
+        scheduled = time.monotonic()
     try:
         found = stack.receiver.naming(f"nightly run {run.name} Late", timeout=LATE_AFTER_S + 60)
         assert len(found) == 1 and f"/runs/flow-run/{run.id}" in found[0], stack.receiver.received
+        stack.receiver.measured["late_run_notified_after_scheduled_s"] = round(
+            stack.receiver.arrived[found[0]] - scheduled, 1)
     finally:
         with stack.client() as client:
             client.delete_flow_run(run.id)
