@@ -53,10 +53,10 @@ class Receiver:
                 text = json.loads(body)["text"]
                 self.arrived.setdefault(text, time.monotonic())
                 received.append(text)
-                self.send_response(200)
-                self.end_headers()
+                this.send_response(200)
+                this.end_headers()
 
-            def log_message(self, *args):
+            def log_message(this, *args):
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
