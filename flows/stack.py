@@ -10,7 +10,8 @@
   time) with the deployments of infra/prefect.yaml, and a worker.
 
 `up` starts only what is not running already, so after a server died it brings that one
-back, and applies the alerts of infra/automations.yaml (`apply_alerts`); `down` stops everything (the data stays); `status` checks each process.
+back, and applies the alerts of infra/automations.yaml (`apply_alerts`); `down` stops
+everything (the data stays); `status` checks each process.
 `TemporaryPrefect` is the server of one command in ephemeral mode. `serve_deployments`
 registers the nightly flow (on a cron schedule) and the backfill flow with the Prefect
 server and runs whatever the schedule or the UI asks for in this process.
