@@ -129,9 +129,9 @@ def breaches(found: dict[str, float], cfg: MonitoringConfig, top_k: int) -> list
 
 
 def check_lists(run: Run, job: ScoringJob, run_id: str) -> ListHealth:
-    """Measure tonight's staged lists against the last published partition; log the
-    figures to tonight's MLflow run; raise ListsUnhealthy (after emitting the event) when
-    one is past its threshold."""
+    """Measure tonight's staged lists against the last published partition, log the
+    figures to tonight's MLflow run, and return them with the thresholds they break (the
+    task, `_check_and_report`, turns a breach into the event and the error)."""
     from tasks.tracking import log_metrics
 
     cfg = run.config
