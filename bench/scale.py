@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from bench import doctables
 
@@ -96,7 +97,8 @@ def training_steps(sizes: list[str], steps: int = 40, rounds: int = 5) -> dict:
             config = PipelineConfig(source="synthetic", synthetic=SIZES[name], workspace=scratch, run_date=RUN_DATE)
             run = Run.of(config)
             features = load_features(build_features(run, ingest(run)).path)
-            examples = training_examples(features, config.features.history_length)
+            examples = training_examples(features.events.filter(pl.col("split") == "fit"),
+                                         config.features.history_length)
             models = {}
             for user_embedding in (False, True):
                 cfg = config.retrieval.model_copy(update={"user_embedding": user_embedding})

@@ -40,7 +40,8 @@ def training(features, cfg: RetrievalConfig, length: int, epochs: int = 3) -> di
     from tasks.tfenv import seed_everything
 
     seed_everything(42)
-    dataset, steps = training_batches(training_examples(features, length), cfg.batch_size, 42, 10**12)
+    dataset, steps = training_batches(training_examples(features.events.filter(pl.col("split") == "fit"), length),
+                                      cfg.batch_size, 42, 10**12)
     model = towers.TwoTower(features, length, cfg)
     model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
     timer = _Timer()

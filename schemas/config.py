@@ -133,21 +133,23 @@ class RetrievalConfig(_Section):
         "carries the user); with short histories it overfits",
     )
     batch_size: int = Field(
-        512, ge=8, description="training examples per batch; each example's negatives are the batch's other items"
+        512, ge=8, description="next-item targets per batch (whole history windows, so about); each target's "
+        "negatives are the batch's other targets",
     )
     learning_rate: float = Field(0.003, gt=0, description="Adam's learning rate")
     max_epochs: int = Field(15, ge=1, description="most epochs trained; early stopping usually ends sooner")
     max_examples_per_epoch: int = Field(
         250_000, ge=1,
-        description="an epoch is at most this many examples (the next one goes on through the data): with "
+        description="an epoch is at most this many next-item targets (the next one goes on through the data): with "
         "max_epochs it bounds training time on large data, and validation runs often enough to stop early",
     )
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
+    dropout: float = Field(0.5, ge=0, lt=1, description="share of the history's item representations dropped in training")
     temperature: float = Field(
-        0.1, gt=0, description="softmax temperature of the retrieval loss: lower sharpens the positive against "
-        "the in-batch negatives",
+        0.2, gt=0, description="softmax temperature of the retrieval loss: lower sharpens the positive against "
+        "the negatives",
     )
-    l2: float = Field(0.0, ge=0, description="L2 penalty on the item and user id embeddings; 0 = none")
+    l2: float = Field(3e-7, ge=0, description="L2 penalty on the item and user id embeddings; 0 = none")
     warm_start: bool = Field(False, description="start training from the champion's weights, when there is one")
     strategy: Literal["default", "mirrored", "multi_worker"] = Field(
         "default",

@@ -188,6 +188,8 @@ class ModelDir(BaseModel):
     path: Path
 
     RETRIEVAL: ClassVar[str] = "retrieval"  # SavedModel: `query` and `candidates` signatures
+    # the same two-tower recipe trained on the fit split alone: what ranker training and evaluation score with
+    FIT_RETRIEVAL: ClassVar[str] = "retrieval-fit"
     RANKING: ClassVar[str] = "ranking"  # SavedModel: `score` signature
     USER_VOCABULARY: ClassVar[str] = "vocab/users.parquet"
     ITEM_VOCABULARY: ClassVar[str] = "vocab/items.parquet"
@@ -204,6 +206,10 @@ class ModelDir(BaseModel):
     @property
     def retrieval_path(self) -> Path:
         return self.path / self.RETRIEVAL
+
+    @property
+    def fit_retrieval_path(self) -> Path:
+        return self.path / self.FIT_RETRIEVAL
 
     @property
     def ranking_path(self) -> Path:

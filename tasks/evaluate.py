@@ -112,7 +112,7 @@ def heldout_metrics(
     if baselines:
         table |= {
             "popularity": popularity_lists(features, visible, users, deepest),
-            "retrieval": retrieval_lists(models, features, visible, users, deepest),
+            "retrieval": retrieval_lists(models, features, visible, users, deepest, fit_model=True),
         }
     results: dict = {
         name: ranking_metrics(recs, truth, CUTOFF, features.n_items)
@@ -137,10 +137,12 @@ def popularity_lists(features: Features, visible: pl.DataFrame, users: np.ndarra
 
 
 def retrieval_lists(
-    models: ModelDir, features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF
+    models: ModelDir, features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF,
+    fit_model: bool = False,
 ) -> pl.DataFrame:
-    """Tonight's two-tower model alone, under tonight's business rules."""
-    bundle = RetrievalBundle.load(models)
+    """Tonight's two-tower model alone (with `fit_model`, the one trained on the fit split
+    alone), under tonight's business rules."""
+    bundle = RetrievalBundle.load(models, fit_model)
     history = user_histories(visible, features.n_users, bundle.history_length)[users]
     allowed = servable_items(features, np.arange(features.n_items + 1), bundle.item_embeddings.shape[0])
     top, _ = bundle.retrieve(users.astype(np.int32), history, _blocked(users, visible, features), k, allowed=allowed)
@@ -157,7 +159,7 @@ def model_lists(
     models: ModelDir, features: Features, visible: pl.DataFrame, users: np.ndarray, k: int = CUTOFF,
     lists: ListConfig = ListConfig(),
 ) -> pl.DataFrame:
-    recs = recommend(models, features, users, visible, k, lists=lists)
+    recs = recommend(models, features, users, visible, k, lists=lists, fit_model=True)
     return recs.join(features.items.select("item_id", "item_idx"), on="item_id", how="left").select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").fill_null(-1).alias("item"), "rank"
     )

@@ -100,11 +100,14 @@ class RetrievalBundle:
         self.item_embeddings = item_embeddings
 
     @classmethod
-    def load(cls, models: ModelDir) -> "RetrievalBundle":
+    def load(cls, models: ModelDir, fit_model: bool = False) -> "RetrievalBundle":
+        """The served two-tower model of `models`, or with `fit_model` the one trained on the
+        fit split alone (models of an earlier recflow hold only that one)."""
         from tasks.tfenv import tf
 
-        saved_model = tf.saved_model.load(str(models.retrieval_path))
-        n_items = int(np.load(models.retrieval_path / N_ITEMS))
+        path = models.fit_retrieval_path if fit_model and models.fit_retrieval_path.exists() else models.retrieval_path
+        saved_model = tf.saved_model.load(str(path))
+        n_items = int(np.load(path / N_ITEMS))
         items = saved_model.signatures["candidates"](tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy()
         return cls(saved_model, items)
 

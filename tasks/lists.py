@@ -45,9 +45,11 @@ def recommend(
     k: int,
     similarity: sp.csr_matrix | None = None,
     lists: ListConfig = ListConfig(),
+    fit_model: bool = False,
 ) -> pl.DataFrame:
     """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`, each
-    recommendation explained by the history item most like it.
+    recommendation explained by the history item most like it; with `fit_model`, from the
+    two-tower model trained on the fit split alone (the evaluation's).
 
     `history` holds the events (tonight's indices, sorted by user and time) that form each
     user's sequence and that are never recommended again, nor is any pair of
@@ -78,7 +80,7 @@ def recommend(
     new[item_map[features.items.filter(pl.col("popularity") == 0)["item_idx"].to_numpy()]] = True
     new[0] = False
     popularity = np.load(models.item_popularity)
-    retrieval = RetrievalBundle.load(models)
+    retrieval = RetrievalBundle.load(models, fit_model)
     unit = retrieval.item_embeddings / np.maximum(np.linalg.norm(retrieval.item_embeddings, axis=1, keepdims=True), 1e-12)
     ranker = tf.saved_model.load(str(models.ranking_path)).signatures["score"]
     histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]

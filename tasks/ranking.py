@@ -70,7 +70,7 @@ def _train(
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
     users = features.sampled(np.unique(valid["user_idx"].to_numpy())).astype(np.int32)
-    bundle = RetrievalBundle.load(models)
+    bundle = RetrievalBundle.load(models, fit_model=True)
     recent = user_histories(fit, features.n_users, bundle.history_length)[users]
     activity = np.bincount(fit["user_idx"].to_numpy(), minlength=features.n_users + 1)[users]
     similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), features.n_items,

@@ -3,10 +3,12 @@
 Fourth stage of the nightly DAG. The query tower reads the user's recent
 history (attention-pooled item representations plus the latest item); the candidate tower
 represents an item by its id, categories and title tokens, and the history encoder shares
-it. Training is next-item prediction on the `fit` split with in-batch softmax, corrected
-for how often each item appears as a sampled negative (log-Q), and stops early on recall
-over the `valid` split. The export is one SavedModel with two signatures, `query` and
-`candidates`, that scoring and the champion gate load without this module's classes.
+it. Training predicts the next item at every place of each history window in one pass,
+with a softmax over the batch's other targets corrected for how often each item appears
+among them (log-Q), and stops early on recall over the `valid` split; the model served is
+then trained by the same recipe, for as many epochs, on every event. Each export is one
+SavedModel with two signatures, `query` and `candidates`, that scoring and the champion
+gate load without this module's classes.
 
 The stage trains into a staging models directory; the ranking stage adds the ranker and
 publishes the directory as models/<key>/, the key being the hash of the features, the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -36,16 +39,21 @@ RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
 
 
 def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
-    """Train the two-tower model on `fit`, stop on `valid` recall; export it to a staging
-    models directory with the vocabularies it was trained with (and the privacy settings of
-    its data). With `retrieval.warm_start`, training starts from the champion's weights.
+    """Train the two-tower model on `fit`, stopping on `valid` recall; then train the model
+    served, by the same recipe for as many epochs, on every event. Both go to a staging
+    models directory with the vocabularies they were trained with (and the privacy
+    settings of their data). With `retrieval.warm_start`, training starts from the
+    champion's weights.
+
+    The `fit` model is what the ranker learns from and what the evaluation judges: it has
+    not seen the `valid` and `test` events. The served model has: a user's latest events
+    say most about their next one (on e-commerce reviews, training on them too lifts the
+    two-tower lists by a third), and the ranker's features then describe the next item
+    after a model's training data at serving as in ranker training.
 
     When models/<key> already holds models trained from the same features, config, seed and
     warm-start source, they are reused instead.
     """
-    from tasks import towers
-    from tasks.tfenv import keras, seed_everything
-
     cfg, length = run.config.retrieval, run.config.features.history_length
     warm = _warm_start_source(run)
     key = stage_key("models", features.key, cfg, run.config.candidates, run.config.ranking, run.config.seed,
@@ -53,37 +61,56 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
     if (found := reuse(ModelDir.of(run.workspace, key).path, key, ModelSet)) is not None:
         return found.retrieval.model_copy(update={"reused": True})
     started = time.perf_counter()
-    seed_everything(run.config.seed)
     strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
     loaded = load_features(features.path)
-    dataset, steps = training_batches(training_examples(loaded, length), cfg.batch_size, run.config.seed,
-                                      cfg.max_examples_per_epoch)
-    with strategy.scope():
-        model = towers.TwoTower(loaded, length, cfg)
-        if warm is not None:
-            warm_start(model, warm, loaded)
-        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
-    validation = towers.EpochMetric("val_recall", _validation_recall(loaded, length))
-    stopper = keras.callbacks.EarlyStopping(
-        monitor="val_recall", mode="max", patience=cfg.patience, restore_best_weights=True
-    )
-    history = model.fit(dataset, epochs=cfg.max_epochs, steps_per_epoch=steps, callbacks=[validation, stopper], verbose=0)
-    best = int(np.argmax(history.history["val_recall"]))
+    fit = loaded.events.filter(pl.col("split") == "fit")
+    model, history = _train(run, loaded, fit, strategy, warm, cfg.max_epochs, _validation_recall(loaded, length))
+    best = int(np.argmax(history["val_recall"]))
     staging = ModelDir(path=temp_dir(run.workspace, "models"))
-    export(model, staging)
+    export(model, staging.fit_retrieval_path)
+    metrics = {
+        f"valid_recall_at_{RECALL_AT}": float(history["val_recall"][best]),
+        "train_loss": float(history["loss"][best]),
+    }
+    log.info("retrieval: %d epochs on fit, best %d, %s", len(history["loss"]), best + 1, metrics)
+    served, _ = _train(run, loaded, loaded.events, strategy, warm, best + 1)
+    export(served, staging.retrieval_path)
+    log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, best + 1)
     save_vocabulary(loaded, staging)
     privacy.record(staging, run.config.privacy, run.workspace)
-    metrics = {
-        f"valid_recall_at_{RECALL_AT}": float(history.history["val_recall"][best]),
-        "train_loss": float(history.history["loss"][best]),
-    }
-    log.info("retrieval: %d epochs, best %d, %s", len(history.history["loss"]), best + 1, metrics)
-    curves = {"train loss": history.history["loss"], f"valid recall@{RECALL_AT}": history.history["val_recall"]}
+    curves = {"train loss": history["loss"], f"valid recall@{RECALL_AT}": history["val_recall"]}
     return TrainedModel(
         key=key, path=staging.retrieval_path, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics,
         history={name: [float(v) for v in values] for name, values in curves.items()},
         warm_start_from=warm.name if warm else None,
     )
+
+
+def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: ModelDir | None, epochs: int,
+           validation=None):
+    """(model, per-epoch logs): a two-tower model trained on the windows of `events` for
+    `epochs` epochs, or, given a `validation` function of the model, until it stops
+    improving (the best epoch's weights kept)."""
+    from tasks import towers
+    from tasks.tfenv import keras, seed_everything
+
+    cfg, length = run.config.retrieval, run.config.features.history_length
+    seed_everything(run.config.seed)
+    dataset, steps = training_batches(training_examples(events, length), cfg.batch_size, run.config.seed,
+                                      cfg.max_examples_per_epoch)
+    with strategy.scope():
+        model = towers.TwoTower(features, length, cfg,
+                                np.bincount(events["item_idx"].to_numpy(), minlength=features.n_items + 1))
+        if warm is not None:
+            warm_start(model, warm, features)
+        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
+    callbacks = []
+    if validation is not None:
+        callbacks = [towers.EpochMetric("val_recall", validation),
+                     keras.callbacks.EarlyStopping(monitor="val_recall", mode="max", patience=cfg.patience,
+                                                   restore_best_weights=True)]
+    history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=0)
+    return model, history.history
 
 
 def _warm_start_source(run: Run) -> ModelDir | None:
@@ -125,34 +152,36 @@ def distribution(cfg: RetrievalConfig):
     return strategy
 
 
-def training_examples(features: Features, length: int) -> dict[str, np.ndarray]:
-    """One example per `fit` event: the user, their `length` previous items, the item and
-    its sampling probability as an in-batch negative (for the log-Q correction)."""
-    fit = features.events.filter(pl.col("split") == "fit")
-    popularity = features.item_popularity
-    sampling_probability = (popularity / popularity.sum()).astype(np.float32)
-    return {
-        "user_idx": fit["user_idx"].to_numpy(),
-        "history": event_histories(fit, length),
-        "item_idx": fit["item_idx"].to_numpy(),
-        "sampling_probability": sampling_probability[fit["item_idx"].to_numpy()],
-    }
+def training_examples(events: pl.DataFrame, length: int) -> dict[str, np.ndarray]:
+    """One example per window of `length` places of a user's `events` (sorted by user,
+    time): the user, the window's items (newest first) and the item that followed each
+    (`targets`). Windows tile each history from its newest event back, so every event but
+    a user's first is the target of exactly one place."""
+    users, items = events["user_idx"].to_numpy(), events["item_idx"].to_numpy()
+    last = np.append(np.flatnonzero(users[1:] != users[:-1]), users.size - 1)  # each user's last event
+    ends = (np.repeat(last, np.diff(np.append(0, last + 1))) - np.arange(users.size)) % length == 0
+    ends &= np.insert(users[1:] == users[:-1], 0, False)  # a user's first event has nothing before it
+    history = event_histories(events, length)[ends]
+    targets = np.concatenate([items[ends, None], history[:, :-1]], axis=1).astype(np.int32)
+    return {"user_idx": users[ends], "history": history, "targets": targets}
 
 
 def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, max_examples: int):
-    """(endless dataset of batches, steps per epoch) over same-length example `arrays`.
+    """(endless dataset of batches, steps per epoch) over the windows of `arrays`
+    (training_examples), about `batch_size` next-item targets a batch.
 
-    Each pass over the examples is a fresh seeded permutation whose batches are gathered
+    Each pass over the windows is a fresh seeded permutation whose batches are gathered
     from the arrays in memory: tf.data handles one element per batch, not per example,
-    so the input never holds training back. An epoch is at most `max_examples` examples;
+    so the input never holds training back. An epoch is at most `max_examples` targets;
     the next one goes on through the permutation. tf.data's autotuning is off: it tunes
     nothing here (the prefetch is fixed), and its thread held the end of `fit` for ~12 s
     while the endless iterator shut down.
     """
     from tasks.tfenv import tf
 
-    n = len(arrays["item_idx"])
-    size = min(batch_size, n)
+    n = len(arrays["history"])
+    per_window = max(1.0, float((arrays["history"] > 0).sum()) / max(n, 1))
+    size = max(1, min(round(batch_size / per_window), n))
     per_pass = n // size
     tensors = {name: tf.constant(values) for name, values in arrays.items()}
 
@@ -168,7 +197,7 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
     )
     options = tf.data.Options()
     options.autotune.enabled = False
-    return dataset.with_options(options), max(1, min(per_pass, max_examples // size))
+    return dataset.with_options(options), max(1, min(per_pass, round(max_examples / (size * per_window))))
 
 
 def warm_start(model, champion: ModelDir, features: Features) -> int:
@@ -195,7 +224,7 @@ def warm_start(model, champion: ModelDir, features: Features) -> int:
         values[known] = old_table.numpy()[rows[known]]
         new_table.assign(values)
         copied += 1
-    for name in ("positions", "self_attention", "norm", "gru", "attention", "project"):
+    for name in ("recency", "self_attention", "norm", "gru", "attention", "project"):
         if hasattr(new, name) and hasattr(old, name):
             pairs = list(zip(getattr(new, name).variables, getattr(old, name).variables))
             if all(a.shape == b.shape for a, b in pairs):
@@ -206,9 +235,10 @@ def warm_start(model, champion: ModelDir, features: Features) -> int:
     return copied
 
 
-def export(model, models: ModelDir) -> None:
-    """Save both towers as one SavedModel with `query` and `candidates` signatures, in
-    `models.retrieval_path`, and the size of the item vocabulary beside it."""
+def export(model, path: Path) -> None:
+    """Save both towers as one SavedModel with `query` and `candidates` signatures at
+    `path` (a models directory's retrieval path), and the size of the item vocabulary
+    beside it."""
     from tasks.tfenv import tf
 
     module = tf.Module()
@@ -224,8 +254,8 @@ def export(model, models: ModelDir) -> None:
         return {"embedding": module.candidate_model(item_idx)}
 
     module.query, module.candidates = query, candidates
-    tf.saved_model.save(module, str(models.retrieval_path), signatures={"query": query, "candidates": candidates})
-    np.save(models.retrieval_path / N_ITEMS, np.int64(model.candidate_model.items.ids.input_dim - 1))
+    tf.saved_model.save(module, str(path), signatures={"query": query, "candidates": candidates})
+    np.save(path / N_ITEMS, np.int64(model.candidate_model.items.ids.input_dim - 1))
 
 
 # --- validation --------------------------------------------------------------------

@@ -50,17 +50,25 @@ class QueryTower(keras.Model):
     """A user as their encoded recent history (newest first) and their latest item, and
     optionally their id.
 
-    `encoder` picks how the history is read: "attention" pools item representations plus
-    position embeddings with learned attention weights; "transformer" first runs a
-    self-attention block over them (each item sees the others); "gru" reads them oldest
-    to newest with a GRU. An id embedding per user (`user_embedding`) learns only from that
-    user's training events: with short histories it overfits (on e-commerce reviews with a
-    median of six events it cost a quarter of the validation recall), and the history
-    already carries the user, so it is off by default.
+    `sequence` reads a history at every place at once: the query at place p is what the
+    items from p on (p and older) say, so training predicts the item after each place of a
+    history in one pass (a next-item target at every position, as SASRec trains), and the
+    query served is the one at place 0, after the whole history. Positions are relative (a
+    learned bias per distance from the reading place), so the query at place p is exactly
+    the query served for the history from p on: training and serving read alike.
+
+    `encoder` picks how the history is read: "attention" pools item representations with
+    learned attention weights (item and distance); "transformer" first runs a self-attention
+    block over them (each item sees the older ones); "gru" reads them oldest to newest with
+    a GRU. `dropout` drops parts of the history's item representations in
+    training. An id embedding per user (`user_embedding`) learns only from that user's
+    training events: with short histories it overfits (on e-commerce reviews with a median
+    of six events it cost a quarter of the validation recall), and the history already
+    carries the user, so it is off by default.
     """
 
     def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, encoder: str, l2: float = 0.0,
-                 user_embedding: bool = False):
+                 user_embedding: bool = False, dropout: float = 0.0):
         super().__init__(name="query_tower")
         regulariser = keras.regularizers.l2(l2) if l2 else None
         self.items = items
@@ -69,35 +77,47 @@ class QueryTower(keras.Model):
         self.users = None
         if user_embedding:
             self.users = keras.layers.Embedding(n_users + 1, dim, embeddings_regularizer=regulariser)
-        self.positions = keras.layers.Embedding(length, dim)
+        self.recency = keras.layers.Embedding(length, 1)  # the pooling's bias per distance
+        self.dropout = keras.layers.Dropout(dropout)
         if encoder == "transformer":
-            self.self_attention = SelfAttention(dim, heads=2)
+            self.self_attention = SelfAttention(dim, heads=2, length=length)
             self.norm = keras.layers.LayerNormalization()
         if encoder == "gru":
-            self.gru = keras.layers.GRU(dim)
+            self.gru = keras.layers.GRU(dim, return_sequences=True)
         self.attention = keras.layers.Dense(1)
         self.project = keras.layers.Dense(dim)
+        places = np.arange(length)
+        # older[p, j]: place j is place p or older (newest first), what the query at p may read
+        self.older = tf.constant(places[None] >= places[:, None])
+        self.distance = tf.constant(np.maximum(places[None] - places[:, None], 0))
 
-    def call(self, inputs):
+    def call(self, inputs, training=False):
+        """(batch, dim): the query after the whole history."""
+        return self.sequence(inputs, training)[:, 0]
+
+    def sequence(self, inputs, training=False):
+        """(batch, length, dim): the query at every place of the history."""
         history = inputs["history"]
         # Encode each distinct history item once per batch: histories repeat items heavily.
         distinct, position = tf.unique(tf.reshape(history, [-1]))
         items = tf.reshape(tf.gather(self.items(distinct), position), [-1, self.length, self.items.dim])
+        items = self.dropout(items, training=training)
         present = history > 0
+        visible = self.older[None] & present[:, None, :]  # (batch, place, place read)
         if self.encoder == "gru":
-            encoded = self.gru(tf.reverse(items, [1]), mask=tf.reverse(present, [1]))
+            encoded = tf.reverse(self.gru(tf.reverse(items, [1]), mask=tf.reverse(present, [1])), [1])
         else:
-            keys = items + self.positions(tf.range(self.length))[None]
             values = items
             if self.encoder == "transformer":
-                keys = values = self.norm(keys + self.self_attention(keys, present))
-            logits = tf.squeeze(self.attention(keys), -1) + tf.where(present, 0.0, -1e9)
-            any_history = tf.cast(tf.reduce_any(present, -1, keepdims=True), tf.float32)
-            weights = tf.nn.softmax(logits, axis=-1) * any_history
-            encoded = tf.reduce_sum(values * weights[..., None], axis=1)
-        parts = [encoded, items[:, 0]]
+                values = self.norm(items + self.self_attention(items, visible, self.distance))
+            logits = (tf.squeeze(self.attention(values), -1)[:, None, :] + tf.squeeze(self.recency(self.distance), -1)
+                      + tf.where(visible, 0.0, -1e9))
+            any_history = tf.cast(tf.reduce_any(visible, -1, keepdims=True), tf.float32)
+            encoded = tf.matmul(tf.nn.softmax(logits, axis=-1) * any_history, values)
+        parts = [encoded, items]
         if self.users is not None:
-            parts.insert(0, self.users(inputs["user_idx"]))
+            users = self.users(inputs["user_idx"])[:, None]
+            parts.insert(0, tf.broadcast_to(users, tf.shape(items)))
         return self.project(tf.concat(parts, axis=-1))
 
 
@@ -107,22 +127,25 @@ class SelfAttention(keras.layers.Layer):
     three input projections fused into one matrix product: on CPU this block is most of
     a training step, and the fused form runs it in about half the time."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, length: int):
         super().__init__(name="self_attention")
         self.dim, self.heads = dim, heads
         self.qkv = keras.layers.Dense(3 * dim)
         self.out = keras.layers.Dense(dim)
+        self.bias = keras.layers.Embedding(length, heads)  # each head's bias per distance
 
-    def call(self, x, present):
-        """`x` (batch, length, dim); `present` (batch, length) marks real items; padding is
-        never attended to."""
+    def call(self, x, visible, distance):
+        """`x` (batch, length, dim); `visible` (batch, length, length) says which places
+        each place may attend to (never padding); `distance` (length, length) how far apart
+        two places are."""
         length, width = x.shape[1], self.dim // self.heads
 
         def heads(t):
             return tf.transpose(tf.reshape(t, [-1, length, self.heads, width]), [0, 2, 1, 3])
 
         query, key, value = (heads(t) for t in tf.split(self.qkv(x), 3, axis=-1))
-        logits = tf.matmul(query, key, transpose_b=True) * width**-0.5 + tf.where(present, 0.0, -1e9)[:, None, None, :]
+        logits = (tf.matmul(query, key, transpose_b=True) * width**-0.5 + tf.transpose(self.bias(distance), [2, 0, 1])
+                  + tf.where(visible, 0.0, -1e9)[:, None])
         mixed = tf.matmul(tf.nn.softmax(logits, axis=-1), value)
         return self.out(tf.reshape(tf.transpose(mixed, [0, 2, 1, 3]), [-1, length, self.dim]))
 
@@ -163,30 +186,39 @@ class RowSparseAdam(keras.optimizers.Adam):
 
 
 class TwoTower(tfrs.models.Model):
-    """Retrieve O(hundreds) candidates from the whole catalogue: towers + TFRS retrieval loss.
+    """Retrieve O(hundreds) candidates from the whole catalogue: towers + retrieval loss.
 
-    In-batch softmax with log-Q correction (`sampling_probability` of each positive) and
-    accidental hits removed; metrics are off during training (validation runs per epoch).
+    Each training example is a window of a user's history with the item that followed each
+    place (`targets`, newest first): every place is a query and its next item the positive.
+    The negatives are the batch's other positives, each logit corrected by the log of how
+    often its item is expected among them (log-Q: `item_share`, each item's share of the
+    training events), leaving out the positive's own item and the other targets of its
+    window (the user's own earlier and later items).
     """
 
-    def __init__(self, features: Features, length: int, cfg: RetrievalConfig):
+    def __init__(self, features: Features, length: int, cfg: RetrievalConfig, item_share: np.ndarray | None = None):
         super().__init__()
         self.history_length = length
         items = ItemEncoder(features, cfg.embedding_dim, cfg.l2)
         self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.history_encoder, cfg.l2,
-                                      cfg.user_embedding)
+                                      cfg.user_embedding, cfg.dropout)
         self.candidate_model = CandidateTower(items)
-        self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
+        self.temperature = cfg.temperature
+        share = features.item_popularity if item_share is None else item_share
+        self.item_share = tf.constant((share / max(share.sum(), 1)).astype(np.float32))
 
     def compute_loss(self, inputs, training=False):
-        return self.task(
-            self.query_model(inputs),
-            self.candidate_model(inputs["item_idx"]),
-            candidate_sampling_probability=inputs["sampling_probability"],
-            candidate_ids=inputs["item_idx"],
-            compute_metrics=False,
-            compute_batch_metrics=False,
-        )
+        places = inputs["history"] > 0  # a place with a history item has a target
+        queries = tf.boolean_mask(self.query_model.sequence(inputs, training), places)
+        targets = tf.boolean_mask(inputs["targets"], places)
+        window = tf.boolean_mask(tf.broadcast_to(tf.range(tf.shape(places)[0])[:, None], tf.shape(places)), places)
+        n = tf.size(targets)
+        expected = tf.cast(n, tf.float32) * tf.gather(self.item_share, targets)  # each item's count in the batch
+        logits = (tf.matmul(queries, self.candidate_model(targets), transpose_b=True) / self.temperature
+                  - tf.math.log(expected)[None])
+        others = ((targets[:, None] == targets[None]) | (window[:, None] == window[None])) & ~tf.eye(n, dtype=tf.bool)
+        logits = tf.where(others, -1e9, logits)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(n), logits))
 
 
 class Ranker(tfrs.models.Model):

@@ -186,6 +186,34 @@ def test_retrieval_and_ranking_beat_popularity_on_planted_structure(nightly_run)
     assert summary["retrieval_ndcg_at_10"] > summary["popularity_ndcg_at_10"]
 
 
+def test_the_served_two_tower_model_learned_from_every_event_and_the_evaluated_one_from_fit_alone(nightly_run):
+    import numpy as np
+
+    from schemas.tables import ModelDir
+    from tasks.features import load_features, user_histories
+    from tasks.inference import RetrievalBundle
+
+    workspace, summary = nightly_run
+    models = ModelDir.of(workspace, summary["model_key"])
+    served, evaluated = RetrievalBundle.load(models), RetrievalBundle.load(models, fit_model=True)
+    assert served.history_length == evaluated.history_length
+    features = load_features(workspace / "features" / f"run_date={RUN_DATE}")
+    late = features.events.filter(pl.col("split") != "fit")
+    # the items users picked after the fit split: the served model, which trained on them, ranks
+    # them higher as the next item after the history before them than the evaluated one does
+    fit = features.events.filter(pl.col("split") == "fit")
+    users = np.unique(late["user_idx"].to_numpy())
+    first_late = late.group_by("user_idx", maintain_order=True).first().sort("user_idx")
+    history = user_histories(fit, features.n_users, served.history_length)[users]
+
+    def rank_of_next(bundle):
+        scores = bundle.queries(users.astype(np.int32), history) @ bundle.item_embeddings.T
+        picked = scores[np.arange(users.size), first_late["item_idx"].to_numpy()]
+        return float(np.mean((scores[:, 1:] > picked[:, None]).sum(1)))
+
+    assert rank_of_next(served) < rank_of_next(evaluated)
+
+
 def test_validation_failure_stops_the_run_and_keeps_the_earlier_partition(copy_of_run, tmp_path):
     from flows.nightly import nightly
     from tasks.validate import ValidationFailed
@@ -331,7 +359,8 @@ def test_a_fault_in_scoring_fails_the_list_health_gate_and_the_next_normal_night
         with pytest.raises(ListsUnhealthy) as error:
             nightly(config(run_date=night))
         message = str(error.value)
-        assert message.startswith(f"list health: {figure} ") and f"monitoring.{'min' if 'coverage' in figure else 'max'}_{figure}" in message
+        assert message.startswith("list health: ")  # the one line names every breached figure
+        assert f"{figure} " in message and f"monitoring.{'min' if 'coverage' in figure else 'max'}_{figure}" in message
         assert message.endswith(f"nothing published, {RUN_DATE} stays current") and "\n" not in message
         assert not (workspace / "recommendations" / f"run_date={night}").exists()
         assert _checksums(workspace / "recommendations" / f"run_date={RUN_DATE}") == before
@@ -427,7 +456,7 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     new_row = model.query_model.items.ids.embeddings.numpy()[item["item_idx"]]
     np.testing.assert_array_equal(new_row, old.items.ids.embeddings.numpy()[old_idx])
     np.testing.assert_array_equal(model.query_model.project.kernel.numpy(), old.project.kernel.numpy())
-    assert copied >= 6  # the item id table, positions, attention and projection weights, self-attention block
+    assert copied >= 6  # the item id table, distance biases, attention and projection weights, self-attention block
 
     copy, _, config = copy_of_run
     next_day = RUN_DATE + dt.timedelta(days=1)  # the synthetic source has grown by a day

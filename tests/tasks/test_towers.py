@@ -1,14 +1,15 @@
-"""The training optimiser (Adam whose embedding updates touch only the rows a batch used) and
-the exported ranker."""
+"""The training optimiser (Adam whose embedding updates touch only the rows a batch used), the
+query tower's reading of a history at every place, and the exported ranker."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from schemas.config import RankingConfig
-from tasks.towers import Ranker, RowSparseAdam
+from schemas.config import RankingConfig, RetrievalConfig
+from tasks.towers import ItemEncoder, QueryTower, Ranker, RowSparseAdam, TwoTower
 from tasks.tfenv import keras, tf
 
 LR, BETA_1, BETA_2, EPSILON = 0.1, 0.9, 0.999, 1e-7
@@ -89,3 +90,51 @@ def test_a_ranker_that_never_ran_exports_and_keeps_the_two_tower_order(tmp_path)
     served = score(user_idx=tf.constant([1, 2, 3, 1, 2], tf.int32), item_idx=tf.constant([1, 2, 3, 4, 5], tf.int32),
                    numeric=tf.constant(numeric))["score"].numpy()
     assert np.array_equal(np.argsort(-served), np.argsort(-numeric[:, 0]))  # the output layer starts at zero
+
+
+def _features(n_items=9):
+    rng = np.random.default_rng(0)
+    categories = np.zeros((n_items + 1, 2), np.int32)
+    categories[1:, 0] = rng.integers(1, 4, n_items)
+    return SimpleNamespace(n_users=3, n_items=n_items, item_categories=categories,
+                           item_title=np.zeros((n_items + 1, 1), np.int32))
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "attention", "gru"])
+def test_the_query_at_each_place_of_a_history_is_the_query_served_for_the_history_from_there_on(encoder):
+    """What lets training predict the next item at every place in one pass: the query at
+    place p reads only the items from p on, at their distance from p, as serving reads a
+    history that starts there."""
+    keras.utils.set_random_seed(0)
+    length = 5
+    tower = QueryTower(ItemEncoder(_features(), 8), 3, length, 8, encoder, dropout=0.5)
+    history = np.array([[4, 7, 2, 9, 0], [3, 0, 0, 0, 0]], np.int32)  # newest first, padded
+    places = tower.sequence({"user_idx": np.array([1, 2], np.int32), "history": history}).numpy()
+    for p in range(length):
+        later = np.zeros_like(history)
+        later[:, : length - p] = history[:, p:]
+        served = tower({"user_idx": np.array([1, 2], np.int32), "history": later}).numpy()
+        real = history[:, p] > 0
+        np.testing.assert_allclose(places[real, p], served[real], rtol=1e-4, atol=1e-5)
+    trained = tower.sequence({"user_idx": np.array([1, 2], np.int32), "history": history}, training=True).numpy()
+    assert not np.allclose(trained, places)  # dropout acts in training only
+
+
+def test_the_retrieval_loss_takes_the_batchs_other_targets_as_negatives_but_not_the_users_own_items():
+    keras.utils.set_random_seed(0)
+    features = _features()
+    share = np.arange(10, dtype=np.float64)  # item i's share of the training events: i / 45
+    model = TwoTower(features, 2, RetrievalConfig(embedding_dim=8, temperature=0.1), item_share=share)
+    inputs = {"user_idx": np.array([1, 2], np.int32),
+              "history": np.array([[2, 4], [6, 0]], np.int32),  # the second window has one place
+              "targets": np.array([[5, 2], [2, 6]], np.int32)}
+    loss = float(model.compute_loss(inputs))
+    queries = model.query_model.sequence(inputs).numpy()[[0, 0, 1], [0, 1, 0]]
+    targets = np.array([5, 2, 2])
+    logits = (queries @ model.candidate_model(targets).numpy().T / 0.1
+              - np.log(3 * share[targets] / share.sum()))  # log-Q: each item's expected count in the batch
+    # not negatives: the positive's own item elsewhere (2 as the third target), the window's other target
+    left_out = np.array([[False, True, False], [True, False, True], [False, True, False]])
+    logits[left_out] = -np.inf
+    expected = np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits))
+    assert loss == pytest.approx(expected, rel=1e-4)
