@@ -95,13 +95,14 @@ def padded(lists: pl.Series, width: int) -> np.ndarray:
     return matrix
 
 
-def event_histories(events: pl.DataFrame, length: int) -> np.ndarray:
-    """For each event (sorted by user, time), the user's `length` previous items, newest first."""
+def event_histories(events: pl.DataFrame, length: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """For each event (sorted by user, time), or each of the events at `rows`, the user's
+    `length` previous items, newest first."""
     users = events["user_idx"].to_numpy()
     items = events["item_idx"].to_numpy()
-    first = _first_of_user(users)
-    index = np.arange(users.size)
-    history = np.zeros((users.size, length), dtype=np.int32)
+    index = np.arange(users.size) if rows is None else rows
+    first = _first_of_user(users)[index]
+    history = np.zeros((index.size, length), dtype=np.int32)
     for k in range(1, length + 1):
         source = index - k
         valid = source >= first

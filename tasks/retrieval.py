@@ -161,7 +161,7 @@ def training_examples(events: pl.DataFrame, length: int) -> dict[str, np.ndarray
     last = np.append(np.flatnonzero(users[1:] != users[:-1]), users.size - 1)  # each user's last event
     ends = (np.repeat(last, np.diff(np.append(0, last + 1))) - np.arange(users.size)) % length == 0
     ends &= np.insert(users[1:] == users[:-1], 0, False)  # a user's first event has nothing before it
-    history = event_histories(events, length)[ends]
+    history = event_histories(events, length, np.flatnonzero(ends))
     targets = np.concatenate([items[ends, None], history[:, :-1]], axis=1).astype(np.int32)
     return {"user_idx": users[ends], "history": history, "targets": targets}
 
