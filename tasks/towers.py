@@ -60,11 +60,11 @@ class QueryTower(keras.Model):
     `encoder` picks how the history is read: "attention" pools item representations with
     learned attention weights (item and distance); "transformer" first runs a self-attention
     block over them (each item sees the older ones); "gru" reads them oldest to newest with
-    a GRU. `dropout` drops parts of the history's item representations in
-    training. An id embedding per user (`user_embedding`) learns only from that user's
-    training events: with short histories it overfits (on e-commerce reviews with a median
-    of six events it cost a quarter of the validation recall), and the history already
-    carries the user, so it is off by default.
+    a GRU. `dropout` drops parts of the history's item representations in training. An id
+    embedding per user (`user_embedding`) learns only from that user's training events:
+    with short histories it overfits (on e-commerce reviews with a median of six events it
+    cost a quarter of the validation recall), and the history already carries the user, so
+    it is off by default.
     """
 
     def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, encoder: str, l2: float = 0.0,
