@@ -146,8 +146,8 @@ class RetrievalConfig(_Section):
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
     dropout: float = Field(0.5, ge=0, lt=1, description="share of the history's item representations dropped in training")
     temperature: float = Field(
-        0.2, gt=0, description="softmax temperature of the retrieval loss: lower sharpens the positive against "
-        "the negatives",
+        0.1, gt=0, description="softmax temperature of the retrieval loss over the cosine of query and item "
+        "(between -1 and 1): lower sharpens the positive against the negatives",
     )
     l2: float = Field(3e-7, ge=0, description="L2 penalty on the item and user id embeddings; 0 = none")
     warm_start: bool = Field(False, description="start training from the champion's weights, when there is one")

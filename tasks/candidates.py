@@ -45,7 +45,7 @@ class Candidates:
     ranker features."""
 
     items: np.ndarray  # model item indices
-    two_tower: np.ndarray  # two-tower score (query . item embedding)
+    two_tower: np.ndarray  # two-tower score (query . item embedding: unit vectors, a cosine)
     numeric: np.ndarray  # float32, FEATURES in order
     real: np.ndarray  # False where a user has fewer candidates than n
 

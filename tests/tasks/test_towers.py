@@ -131,7 +131,10 @@ def test_the_retrieval_loss_takes_the_batchs_other_targets_as_negatives_but_not_
     loss = float(model.compute_loss(inputs))
     queries = model.query_model.sequence(inputs).numpy()[[0, 0, 1], [0, 1, 0]]
     targets = np.array([5, 2, 2])
-    logits = (queries @ model.candidate_model(targets).numpy().T / 0.1
+    candidates = model.candidate_model(targets).numpy()
+    # both towers output unit vectors: a score is a cosine
+    np.testing.assert_allclose(np.linalg.norm(np.concatenate([queries, candidates]), axis=1), 1, rtol=1e-5)
+    logits = (queries @ candidates.T / 0.1
               - np.log(3 * share[targets] / share.sum()))  # log-Q: each item's expected count in the batch
     # not negatives: the positive's own item elsewhere (2 as the third target), the window's other target
     left_out = np.array([[False, True, False], [True, False, True], [False, True, False]])
