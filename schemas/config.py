@@ -124,7 +124,7 @@ class RetrievalConfig(_Section):
     Defaults: the winner of bench/tune.py's seeded search (bench/results/tune.json), with
     features.history_length 20; a full ml-latest-small run with them stays under 3 minutes."""
 
-    embedding_dim: int = Field(64, ge=4, multiple_of=2, description="even: self-attention splits it into two heads")
+    embedding_dim: int = Field(128, ge=4, multiple_of=2, description="even: self-attention splits it into two heads")
     history_encoder: Literal["attention", "transformer", "gru"] = Field(
         "transformer", description="how the query tower reads the history: attention pooling, self-attention, GRU"
     )
@@ -144,6 +144,15 @@ class RetrievalConfig(_Section):
         "max_epochs it bounds training time on large data, and validation runs often enough to stop early",
     )
     patience: int = Field(2, ge=1, description="epochs without better validation recall before stopping")
+    patience_examples: int = Field(
+        100_000, ge=1,
+        description="and at least this many next-item targets trained without better validation recall: on small "
+        "data, whose epochs are short, more epochs than `patience`",
+    )
+    min_improvement: float = Field(
+        0.01, ge=0, description="an epoch counts as better only when it raises the best validation recall so far by "
+        "this share of it",
+    )
     dropout: float = Field(0.5, ge=0, lt=1, description="share of the history's item representations dropped in training")
     temperature: float = Field(
         0.1, gt=0, description="softmax temperature of the retrieval loss over the cosine of query and item "

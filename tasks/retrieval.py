@@ -18,6 +18,7 @@ models' and candidates' config, the seed and the warm-start source.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tasks.workspace import reuse, stage_key, temp_dir
 log = logging.getLogger(__name__)
 
 RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
+GROUPED = 16  # batches whose windows training_batches sorts by length together
 
 
 def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
@@ -64,23 +66,23 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
     strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
     loaded = load_features(features.path)
     fit = loaded.events.filter(pl.col("split") == "fit")
-    model, history = _train(run, loaded, fit, strategy, warm, cfg.max_epochs, _validation_recall(loaded, length))
-    best = int(np.argmax(history["val_recall"]))
+    model, history, epochs = _train(run, loaded, fit, strategy, warm, cfg.max_epochs,
+                                    _validation_recall(loaded, length))
     staging = ModelDir(path=temp_dir(run.workspace, "models"))
     export(model, staging.fit_retrieval_path)
     metrics = {
-        f"valid_recall_at_{RECALL_AT}": float(history["val_recall"][best]),
-        "train_loss": float(history["loss"][best]),
+        f"valid_recall_at_{RECALL_AT}": float(history["val_recall"][epochs - 1]),
+        "train_loss": float(history["loss"][epochs - 1]),
     }
-    log.info("retrieval: %d epochs on fit, best %d, %s", len(history["loss"]), best + 1, metrics)
-    served, _ = _train(run, loaded, loaded.events, strategy, warm, best + 1)
+    log.info("retrieval: %d epochs on fit, best %d, %s", len(history["loss"]), epochs, metrics)
+    served, _, _ = _train(run, loaded, loaded.events, strategy, warm, epochs)
     export(served, staging.retrieval_path)
-    log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, best + 1)
+    log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, epochs)
     save_vocabulary(loaded, staging)
     privacy.record(staging, run.config.privacy, run.workspace)
     curves = {"train loss": history["loss"], f"valid recall@{RECALL_AT}": history["val_recall"]}
     return TrainedModel(
-        key=key, path=staging.retrieval_path, epochs=best + 1, seconds=time.perf_counter() - started, metrics=metrics,
+        key=key, path=staging.retrieval_path, epochs=epochs, seconds=time.perf_counter() - started, metrics=metrics,
         history={name: [float(v) for v in values] for name, values in curves.items()},
         warm_start_from=warm.name if warm else None,
     )
@@ -88,11 +90,11 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
 
 def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: ModelDir | None, epochs: int,
            validation=None):
-    """(model, per-epoch logs): a two-tower model trained on the windows of `events` for
-    `epochs` epochs, or, given a `validation` function of the model, until it stops
-    improving (the best epoch's weights kept)."""
+    """(model, per-epoch logs, epochs kept): a two-tower model trained on the windows of
+    `events` for `epochs` epochs, or, given a `validation` function of the model, until it
+    stops improving (the best epoch's weights kept)."""
     from tasks import towers
-    from tasks.tfenv import keras, seed_everything
+    from tasks.tfenv import seed_everything
 
     cfg, length = run.config.retrieval, run.config.features.history_length
     seed_everything(run.config.seed)
@@ -104,13 +106,13 @@ def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: M
         if warm is not None:
             warm_start(model, warm, features)
         model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
-    callbacks = []
-    if validation is not None:
-        callbacks = [towers.EpochMetric("val_recall", validation),
-                     keras.callbacks.EarlyStopping(monitor="val_recall", mode="max", patience=cfg.patience,
-                                                   restore_best_weights=True)]
-    history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=0)
-    return model, history.history
+    if validation is None:
+        return model, model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0).history, epochs
+    patience = max(cfg.patience, math.ceil(cfg.patience_examples / (steps * cfg.batch_size)))
+    stopper = towers.EarlyStopping("val_recall", patience, cfg.min_improvement)
+    history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0,
+                        callbacks=[towers.EpochMetric("val_recall", validation), stopper])
+    return model, history.history, stopper.best_epoch + 1
 
 
 def _warm_start_source(run: Run) -> ModelDir | None:
@@ -170,34 +172,53 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
     """(endless dataset of batches, steps per epoch) over the windows of `arrays`
     (training_examples), about `batch_size` next-item targets a batch.
 
-    Each pass over the windows is a fresh seeded permutation whose batches are gathered
-    from the arrays in memory: tf.data handles one element per batch, not per example,
-    so the input never holds training back. An epoch is at most `max_examples` targets;
-    the next one goes on through the permutation. tf.data's autotuning is off: it tunes
-    nothing here (the prefetch is fixed), and its thread held the end of `fit` for ~12 s
-    while the endless iterator shut down.
+    Each pass over the windows is a fresh seeded permutation, cut into batches of about
+    `batch_size` targets. Within each run of GROUPED batches' worth of the permutation the
+    windows are sorted by how many places they fill, and each batch is cut to its longest
+    window, so the query tower computes few padded places: where most histories are short
+    (e-commerce reviews: a 20-place window holds 7 events on average) it would otherwise
+    compute almost three places for each target. Batches are then visited in a random
+    order. tf.data handles one element per batch, not per example, so the input never
+    holds training back. An epoch is at most `max_examples` targets; the next one goes on
+    through the passes. tf.data's autotuning is off: it tunes nothing here (the prefetch
+    is fixed), and its thread held the end of `fit` for ~12 s while the endless iterator
+    shut down.
     """
     from tasks.tfenv import tf
 
-    n = len(arrays["history"])
-    per_window = max(1.0, float((arrays["history"] > 0).sum()) / max(n, 1))
-    size = max(1, min(round(batch_size / per_window), n))
-    per_pass = n // size
+    fill = (arrays["history"] > 0).sum(1)
+    n, targets, length = len(fill), int(fill.sum()), arrays["history"].shape[1]
+    group = max(1, round(GROUPED * batch_size * n / max(targets, 1)))  # windows in GROUPED batches
     tensors = {name: tf.constant(values) for name, values in arrays.items()}
+    places = tf.constant(fill.astype(np.int32))
+
+    def shuffle(size, number):
+        return tf.random.experimental.stateless_shuffle(tf.range(size), seed=tf.stack([tf.constant(seed, tf.int64),
+                                                                                       number]))
 
     def one_pass(number):
-        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), number]))
-        return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: per_pass * size], [per_pass, size]))
+        run = tf.range(n) // group
+        order = shuffle(n, number)
+        order = tf.gather(order, tf.argsort(run * (length + 1) - tf.gather(places, order), stable=True))
+        # targets so far within the run, so that a batch never spans two runs
+        filled = tf.cumsum(tf.gather(places, order))
+        filled -= tf.gather(tf.concat([[0], filled], 0), run * group)
+        part = (filled - 1) // batch_size
+        starts = (run[1:] != run[:-1]) | (part[1:] != part[:-1])  # where a new batch starts
+        batch = tf.cumsum(tf.cast(tf.concat([[True], starts], 0), tf.int32)) - 1
+        rows = tf.RaggedTensor.from_value_rowids(order, batch)
+        rows = rows[: tf.maximum(rows.nrows() - 1, 1)]  # the pass's last batch is partial
+        return tf.data.Dataset.from_tensor_slices(tf.gather(rows, shuffle(rows.nrows(), -number - 1)))
 
-    dataset = (
-        tf.data.Dataset.range(2**62)
-        .flat_map(one_pass)
-        .map(lambda rows: {name: tf.gather(values, rows) for name, values in tensors.items()})
-        .prefetch(2)
-    )
+    def gather(rows):
+        longest = tf.reduce_max(tf.gather(places, rows))
+        return {name: tf.gather(values, rows)[:, :longest] if name in ("history", "targets") else tf.gather(values, rows)
+                for name, values in tensors.items()}
+
+    dataset = tf.data.Dataset.range(2**62).flat_map(one_pass).map(gather).prefetch(2)
     options = tf.data.Options()
     options.autotune.enabled = False
-    return dataset.with_options(options), max(1, min(per_pass, round(max_examples / (size * per_window))))
+    return dataset.with_options(options), max(1, round(min(targets, max_examples) / batch_size))
 
 
 def warm_start(model, champion: ModelDir, features: Features) -> int:

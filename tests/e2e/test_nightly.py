@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from schemas.config import RetrievalConfig
 from schemas.tables import RECOMMENDATIONS
 from tasks.ingest import generate_synthetic
 from tests.conftest import RUN_DATE, SMALL, cli, small_config
@@ -86,7 +87,7 @@ def test_run_is_tracked_in_mlflow_with_a_registered_champion(nightly_run):
                    "retrieval_ndcg_at_10", "popularity_ndcg_at_10", "time_train_retrieval_s", "output_rows",
                    "fallback_rows", "similar_items_rows"):
         assert metric in run.data.metrics, metric
-    assert run.data.params["retrieval.embedding_dim"] == "64"
+    assert run.data.params["retrieval.embedding_dim"] == str(RetrievalConfig().embedding_dim)
     assert run.data.tags["run_date"] == RUN_DATE.isoformat()
     champion = client.get_model_version_by_alias("recflow-retrieval", "champion")
     assert champion.run_id == run.info.run_id
@@ -422,7 +423,7 @@ def test_warm_start_copies_the_champions_embeddings_through_the_vocabularies(nig
     from mlflow.tracking import MlflowClient
 
     from flows.nightly import nightly
-    from schemas.config import FeatureConfig, RetrievalConfig
+    from schemas.config import FeatureConfig
     from schemas.tables import Snapshot
     from tasks import towers
     from tasks.features import load_features
