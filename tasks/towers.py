@@ -72,7 +72,6 @@ class QueryTower(keras.Model):
         super().__init__(name="query_tower")
         regulariser = keras.regularizers.l2(l2) if l2 else None
         self.items = items
-        self.length = length
         self.encoder = encoder
         self.users = None
         if user_embedding:
@@ -98,7 +97,7 @@ class QueryTower(keras.Model):
     def sequence(self, inputs, training=False):
         """(batch, length, dim): the query at every place of the history, unit length."""
         history = inputs["history"]
-        length = tf.shape(history)[1]  # up to self.length: training cuts each batch to its longest window
+        length = tf.shape(history)[1]  # up to the model's: training cuts each batch to its longest window
         # Encode each distinct history item once per batch: histories repeat items heavily.
         distinct, position = tf.unique(tf.reshape(history, [-1]))
         items = tf.reshape(tf.gather(self.items(distinct), position), [-1, length, self.items.dim])
