@@ -163,9 +163,15 @@ class RetrievalConfig(_Section):
     strategy: Literal["default", "mirrored", "multi_worker"] = Field(
         "default",
         description="tf.distribute strategy: one device; MirroredStrategy over this machine's GPUs (or `devices` "
-        "logical CPUs); MultiWorkerMirroredStrategy over the cluster in TF_CONFIG",
+        "logical CPUs); MultiWorkerMirroredStrategy over `workers` processes that Ray Train starts",
     )
     devices: int = Field(1, ge=1, description="with the mirrored strategy and no GPU: logical CPU devices to mirror over")
+    workers: int = Field(2, ge=1, description="with the multi_worker strategy: training processes, one replica each")
+    cluster: str | None = Field(
+        None, description="with the multi_worker strategy: the Ray cluster to train on (`auto`, or `ray://host:10001`; "
+        "its nodes need this repository installed and the workspace on a shared filesystem); none starts one on this "
+        "machine for the stage",
+    )
 
 
 class CandidateConfig(_Section):

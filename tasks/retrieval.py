@@ -18,7 +18,10 @@ models' and candidates' config, the seed and the warm-start source.
 from __future__ import annotations
 
 import logging
+import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from tasks.features import Features, event_histories, load_features, save_vocabu
 from tasks.inference import N_ITEMS, as_table, model_item_map, model_user_map, retrieve, rows_of
 from tasks.metrics import ranking_metrics
 from tasks.stage import stage
-from tasks.workspace import reuse, stage_key, temp_dir
+from tasks.workspace import RecflowError, reuse, stage_key, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +59,23 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
     When models/<key> already holds models trained from the same features, config, seed and
     warm-start source, they are reused instead.
     """
-    cfg, length = run.config.retrieval, run.config.features.history_length
+    cfg = run.config.retrieval
     warm = _warm_start_source(run)
     key = stage_key("models", features.key, cfg, run.config.candidates, run.config.ranking, run.config.seed,
                     warm.name if warm else None)
     if (found := reuse(ModelDir.of(run.workspace, key).path, key, ModelSet)) is not None:
         return found.retrieval.model_copy(update={"reused": True})
     started = time.perf_counter()
-    strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
-    loaded = load_features(features.path)
-    fit = loaded.events.filter(pl.col("split") == "fit")
-    model, history, epochs = _train(run, loaded, fit, strategy, warm, cfg.max_epochs,
-                                    _validation_recall(loaded, length))
     staging = ModelDir(path=temp_dir(run.workspace, "models"))
-    export(model, staging.fit_retrieval_path)
+    if cfg.strategy == "multi_worker":
+        epochs, history = _on_workers(run, features.path, warm, staging)
+    else:
+        epochs, history = _train_and_export(run, features.path, warm, staging)
     metrics = {
         f"valid_recall_at_{RECALL_AT}": float(history["val_recall"][epochs - 1]),
         "train_loss": float(history["loss"][epochs - 1]),
     }
     log.info("retrieval: %d epochs on fit, best %d, %s", len(history["loss"]), epochs, metrics)
-    served, _, _ = _train(run, loaded, loaded.events, strategy, warm, epochs)
-    export(served, staging.retrieval_path)
-    log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, epochs)
-    save_vocabulary(loaded, staging)
     privacy.record(staging, run.config.privacy, run.workspace)
     curves = {"train loss": history["loss"], f"valid recall@{RECALL_AT}": history["val_recall"]}
     return TrainedModel(
@@ -86,6 +83,106 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
         history={name: [float(v) for v in values] for name, values in curves.items()},
         warm_start_from=warm.name if warm else None,
     )
+
+
+def _train_and_export(run: Run, features_path: Path, warm: ModelDir | None, staging: ModelDir) -> tuple[int, dict]:
+    """(epochs kept, per-epoch logs of the `fit` model): the stage's training, in this
+    process or in each worker of a multi-worker job. Trains the `fit` model until
+    validation recall stops improving, then the served model for as many epochs on every
+    event, and exports both to `staging` with the vocabularies. In a multi-worker job
+    every worker trains and exports (saving takes them all), but only the chief's
+    exports go to `staging`."""
+    cfg, length = run.config.retrieval, run.config.features.history_length
+    strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
+    resolver = getattr(strategy, "cluster_resolver", None)
+    chief = resolver is None or not resolver.task_id
+    out = staging if chief else ModelDir(path=temp_dir(run.workspace, "models-worker"))
+    loaded = load_features(features_path)
+    fit = loaded.events.filter(pl.col("split") == "fit")
+    model, history, epochs = _train(run, loaded, fit, strategy, warm, cfg.max_epochs,
+                                    _validation_recall(loaded, length))
+    export(model, out.fit_retrieval_path)
+    served, _, _ = _train(run, loaded, loaded.events, strategy, warm, epochs)
+    export(served, out.retrieval_path)
+    log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, epochs)
+    if chief:
+        save_vocabulary(loaded, staging)
+    else:
+        shutil.rmtree(out.path)
+    return epochs, {name: [float(v) for v in values] for name, values in history.items()}
+
+
+def _on_workers(run: Run, features_path: Path, warm: ModelDir | None, staging: ModelDir) -> tuple[int, dict]:
+    """_train_and_export on `retrieval.workers` processes under MultiWorkerMirroredStrategy,
+    started by Ray Train's TensorflowTrainer (which gives each its TF_CONFIG) on the Ray
+    cluster `retrieval.cluster`, or on one it starts on this machine for the stage. The
+    workers read the features from the workspace, so every one trains on the same data and
+    vocabularies; the global batch stays `retrieval.batch_size`. A worker that fails fails
+    the stage, and the staging directory is never published."""
+    from tasks import tfenv  # noqa: F401 ray.train.tensorflow imports TensorFlow: tf-keras must come first
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # Ray would fold the epochs' progress lines into one
+    import ray
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    cfg = run.config.retrieval
+    scratch = temp_dir(run.workspace, "ray")
+    job = ray.job_config.JobConfig(runtime_env={"env_vars": {
+        "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_EXTRA_LOGGERS": ""}})
+    # Ray's own loggers in its processes: errors only (without Ray's dashboard, its training
+    # controller warns every few seconds that it cannot query actor states); the workers log
+    # training's progress themselves (_worker).
+    job.set_py_logging_config(ray.LoggingConfig(log_level="ERROR"))
+    # a cluster started here schedules one worker per (logical) CPU: more workers than cores share them
+    cpus = None if cfg.cluster else max(os.cpu_count() or 1, cfg.workers)
+    ray.init(address=cfg.cluster, num_cpus=cpus, logging_level=logging.ERROR, job_config=job)
+    try:
+        log.info("retrieval: training on %d Ray Train workers", cfg.workers)
+        TensorflowTrainer(
+            _worker,
+            train_loop_config={"run": run, "features": features_path, "warm": warm, "staging": staging,
+                               "outcome": scratch / "outcome.json"},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers),
+            run_config=ray.train.RunConfig(name="retrieval", storage_path=str(scratch),
+                                           failure_config=ray.train.FailureConfig(max_failures=0)),
+        ).fit()
+    except ray.train.TrainingFailedError as error:
+        raise RecflowError(f"retrieval: multi-worker training failed: {_first_failure(error)}; nothing was "
+                           "published") from None
+    finally:
+        ray.shutdown()
+    epochs, history = json.loads((scratch / "outcome.json").read_text())
+    shutil.rmtree(scratch)
+    return epochs, history
+
+
+def _first_failure(error: Exception) -> str:
+    """One line on what failed a Ray Train job: a worker that died (the others then fail on
+    their collective ops), else the first failed worker's error."""
+    failures = getattr(error, "worker_failures", None) or {0: error}
+    died = {rank: cause for rank, cause in failures.items() if hasattr(cause, "health_check_failure")}
+    if died:
+        rank = min(died)
+        return f"worker {rank} died ({type(died[rank].health_check_failure).__name__}: killed, out of memory or crashed)"
+    rank, cause = min(failures.items())
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"worker {rank}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
+def _worker(config: dict) -> None:
+    """A Ray Train worker's training loop: _train_and_export; the chief writes the outcome."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s worker {rank}: %(message)s", "%H:%M:%S"))
+    progress = logging.getLogger("tasks")  # the chief's progress; the other workers' warnings
+    progress.handlers, progress.propagate = [handler], False
+    progress.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    outcome = _train_and_export(config["run"], config["features"], config["warm"], config["staging"])
+    if rank == 0:
+        config["outcome"].write_text(json.dumps(outcome))
 
 
 def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: ModelDir | None, epochs: int,
@@ -131,9 +228,9 @@ def distribution(cfg: RetrievalConfig):
 
     "mirrored" uses this machine's GPUs, or without one `cfg.devices` logical CPU devices
     (set before TensorFlow first runs an op, so a process that trains several times keeps
-    the first run's devices); "multi_worker" reads the cluster from TF_CONFIG (one worker
-    without it). Each replica takes its share of the batch, and its in-batch negatives
-    come from that share.
+    the first run's devices); "multi_worker" reads the cluster from TF_CONFIG, which Ray
+    Train sets in each of its workers (_on_workers). Each replica takes its share of the
+    batch, and scores it against the whole batch's targets (TwoTower.compute_loss).
     """
     from tasks.tfenv import tf
 
@@ -218,6 +315,9 @@ def training_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, 
     dataset = tf.data.Dataset.range(2**62).flat_map(one_pass).map(gather).prefetch(2)
     options = tf.data.Options()
     options.autotune.enabled = False
+    # With several workers, tf.distribute splits each batch into one share per replica and
+    # each worker takes its own: the same batches as one process.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options), max(1, round(min(targets, max_examples) / batch_size))
 
 

@@ -206,14 +206,18 @@ class TwoTower(tfrs.models.Model):
     other positives, each logit corrected by the log of how often its item is expected
     among them (log-Q: `item_share`, each item's share of the training events), leaving out
     the positive's own item and the other targets of its window (the user's own earlier and
-    later items).
+    later items). Under a distribution strategy each replica computes its share of the
+    batch against the whole batch's targets: the same loss and gradients as one process.
     """
 
     def __init__(self, features: Features, length: int, cfg: RetrievalConfig, item_share: np.ndarray | None = None):
         super().__init__()
         self.history_length = length
-        items = ItemEncoder(features, cfg.embedding_dim, cfg.l2)
-        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.history_encoder, cfg.l2,
+        # Under a distribution strategy Keras sums the replicas' gradients, and each replica adds
+        # the whole penalty: each takes its share, as each takes its share of the loss.
+        l2 = cfg.l2 / tf.distribute.get_strategy().num_replicas_in_sync
+        items = ItemEncoder(features, cfg.embedding_dim, l2)
+        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.history_encoder, l2,
                                       cfg.user_embedding, cfg.dropout)
         self.candidate_model = CandidateTower(items)
         self.temperature = cfg.temperature
@@ -225,13 +229,24 @@ class TwoTower(tfrs.models.Model):
         queries = tf.boolean_mask(self.query_model.sequence(inputs, training), places)
         targets = tf.boolean_mask(inputs["targets"], places)
         window = tf.boolean_mask(tf.broadcast_to(tf.range(tf.shape(places)[0])[:, None], tf.shape(places)), places)
-        n = tf.size(targets)
-        expected = tf.cast(n, tf.float32) * tf.gather(self.item_share, targets)  # each item's count in the batch
-        logits = (tf.matmul(queries, self.candidate_model(targets), transpose_b=True) / self.temperature
-                  - tf.math.log(expected)[None])
-        others = ((targets[:, None] == targets[None]) | (window[:, None] == window[None])) & ~tf.eye(n, dtype=tf.bool)
+        positives, items = tf.range(tf.size(targets)), self.candidate_model(targets)
+        batch_targets, batch_windows, batch_items = targets, window, items
+        replicas = tf.distribute.get_replica_context()
+        if replicas is not None and replicas.num_replicas_in_sync > 1:
+            # Each replica holds a share of the batch; its queries score the whole batch's targets,
+            # so the negatives do not change with the number of replicas.
+            sizes = replicas.all_gather(tf.stack([tf.shape(places)[0], tf.size(targets)])[None], 0)
+            before = tf.reduce_sum(sizes[: replicas.replica_id_in_sync_group], 0)  # earlier replicas' windows, targets
+            window, positives = window + before[0], positives + before[1]
+            batch_targets, batch_windows, batch_items = (replicas.all_gather(t, 0) for t in (targets, window, items))
+        n = tf.size(batch_targets)
+        expected = tf.cast(n, tf.float32) * tf.gather(self.item_share, batch_targets)  # each item's count in the batch
+        logits = tf.matmul(queries, batch_items, transpose_b=True) / self.temperature - tf.math.log(expected)[None]
+        others = ((targets[:, None] == batch_targets[None]) | (window[:, None] == batch_windows[None])) & (
+            positives[:, None] != tf.range(n)[None])
         logits = tf.where(others, -1e9, logits)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(n), logits))
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(positives, logits)
+        return tf.reduce_sum(losses) / tf.cast(n, tf.float32)  # this replica's share of the batch's mean
 
 
 class Ranker(tfrs.models.Model):
@@ -329,7 +344,11 @@ class EpochMetric(keras.callbacks.Callback):
         self.metric_name, self.fn = name, fn
 
     def on_epoch_end(self, epoch, logs=None):
-        logs[self.metric_name] = self.fn(self.model)
+        value, strategy = self.fn(self.model), self.model.distribute_strategy
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # every worker must take the same decisions on it (early stopping), and machines may round differently
+            value = float(strategy.reduce("MEAN", strategy.run(lambda: tf.constant(value, tf.float64)), axis=None))
+        logs[self.metric_name] = value
         log.info("epoch %d: loss %.1f, %s %.4f", epoch + 1, logs["loss"], self.metric_name, logs[self.metric_name])
 
 

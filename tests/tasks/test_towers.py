@@ -146,6 +146,64 @@ def test_the_retrieval_loss_takes_the_batchs_other_targets_as_negatives_but_not_
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+# Run in a fresh process: logical devices can only be set before TensorFlow runs an op.
+REPLICAS_SCRIPT = """
+import numpy as np
+from tasks.tfenv import keras, tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from schemas.config import RetrievalConfig
+from tasks.towers import TwoTower
+from tests.tasks.test_towers import _features
+
+inputs = {"user_idx": np.array([1, 2, 1, 2], np.int32),
+          "history": np.array([[2, 4, 1], [6, 0, 0], [3, 5, 0], [7, 8, 9]], np.int32),
+          "targets": np.array([[5, 2, 4], [2, 6, 0], [4, 3, 0], [1, 7, 8]], np.int32)}
+cfg = RetrievalConfig(embedding_dim=8, dropout=0, l2=0.01, user_embedding=True)
+share = np.arange(10, dtype=np.float64)
+
+def step(model, batch):
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(batch, training=True)
+        total = loss + tf.add_n(model.losses)
+    grads = tape.gradient(total, model.trainable_variables)
+    return loss, [tf.convert_to_tensor(g) for g in grads]
+
+keras.utils.set_random_seed(0)
+one = TwoTower(_features(), 3, cfg, item_share=share)
+loss, grads = step(one, inputs)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    two = TwoTower(_features(), 3, cfg, item_share=share)
+    two.compute_loss(inputs)
+    two.set_weights(one.get_weights())
+batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(inputs))))
+losses, per_replica = strategy.run(lambda b: step(two, b), args=(batch,))
+shares = [len(strategy.experimental_local_results(batch["targets"])[r]) for r in range(2)]
+summed = [sum(strategy.experimental_local_results(g)) for g in per_replica]
+print(shares, float(loss), float(sum(strategy.experimental_local_results(losses))))
+assert shares == [2, 2]
+np.testing.assert_allclose(float(sum(strategy.experimental_local_results(losses))), float(loss), rtol=1e-5)
+for a, b in zip(summed, grads):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+print("same")
+"""
+
+
+def test_two_replicas_compute_one_processs_loss_and_gradients_over_the_whole_batchs_negatives():
+    """Under a distribution strategy each replica takes a share of the batch, and Keras sums
+    their gradients: the shares' losses and gradients add up to one process's (the batch's
+    other targets stay every query's negatives, and the penalty is counted once)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", REPLICAS_SCRIPT], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("same"), result.stderr[-3000:]
+
+
 def test_early_stopping_counts_an_epoch_as_better_only_by_a_share_of_the_best_and_keeps_its_weights():
     model = keras.Sequential([keras.layers.Dense(1, input_shape=(1,))])
     stopper = EarlyStopping("recall", patience=2, min_improvement=0.01)
