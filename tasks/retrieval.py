@@ -32,7 +32,7 @@ from schemas.config import RetrievalConfig, Run
 from schemas.tables import FeatureSet, ModelDir, ModelSet, TrainedModel
 from tasks import privacy, tracking
 from tasks.features import Features, event_histories, load_features, save_vocabulary, user_histories
-from tasks.inference import N_ITEMS, as_table, model_item_map, model_user_map, retrieve, rows_of
+from tasks.inference import N_ITEMS, as_table, model_item_map, model_user_map, query_blocks, retrieve, rows_of
 from tasks.metrics import ranking_metrics
 from tasks.stage import stage
 from tasks.workspace import RecflowError, reuse, stage_key, temp_dir
@@ -395,8 +395,9 @@ def _validation_recall(features: Features, length: int):
     )
 
     def recall(model) -> float:
-        queries = model.query_model({"user_idx": users.astype(np.int32), "history": history}).numpy()
         items = model.candidate_model(all_items).numpy()
+        queries = query_blocks(lambda ids, recent: model.query_model({"user_idx": ids, "history": recent}).numpy(),
+                               users, history, items.shape[1])
         top, _ = retrieve(queries, items, exclude, RECALL_AT)
         return ranking_metrics(as_table(users, top), truth, RECALL_AT, features.n_items)["recall"]
 
