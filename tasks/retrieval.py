@@ -159,15 +159,16 @@ def _on_workers(run: Run, features_path: Path, warm: ModelDir | None, staging: M
 
 def _first_failure(error: Exception) -> str:
     """One line on what failed a Ray Train job: a worker that died (the others then fail on
-    their collective ops), else the first failed worker's error."""
-    failures = getattr(error, "worker_failures", None) or {0: error}
+    their collective ops), else the first failed worker's error, else Ray's own."""
+    failures = getattr(error, "worker_failures", None) or {}
     died = {rank: cause for rank, cause in failures.items() if hasattr(cause, "health_check_failure")}
     if died:
-        rank = min(died)
-        return f"worker {rank} died ({type(died[rank].health_check_failure).__name__}: killed, out of memory or crashed)"
-    rank, cause = min(failures.items())
+        rank, cause = min(died.items())
+        return f"worker {rank} died ({type(cause.health_check_failure).__name__}: killed, out of memory or crashed)"
+    rank, cause = min(failures.items()) if failures else (None, error)
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"worker {rank}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+    where = "" if rank is None else f"worker {rank}: "
+    return f"{where}{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 def _worker(config: dict) -> None:

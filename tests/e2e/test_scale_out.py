@@ -108,7 +108,8 @@ def test_two_ray_train_workers_train_as_one_process_does_and_the_chief_alone_wri
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
-    assert len(client.search_runs([client.get_experiment_by_name("recflow").experiment_id])) == 1  # the workers never talk to MLflow
+    runs = client.search_runs([client.get_experiment_by_name("recflow").experiment_id])
+    assert len(runs) == 1  # the workers never talk to MLflow
     trained = ModelSet.model_validate(json.loads((models / "_stage.json").read_text())["record"]).retrieval
 
     # The same features and config, trained in this one process.
@@ -134,6 +135,7 @@ def test_a_training_worker_killed_mid_training_fails_the_run_in_one_line_and_pub
             os.kill(workers[1], signal.SIGKILL)
             break
     else:
+        run.kill()
         pytest.fail("training never reached its first epoch:\n" + "".join(seen[-40:]))
     _, rest = run.communicate(timeout=300)
     errors = [line for line in rest.splitlines() if line.startswith("recflow: error:")]

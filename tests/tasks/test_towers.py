@@ -181,7 +181,6 @@ batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_
 losses, per_replica = strategy.run(lambda b: step(two, b), args=(batch,))
 shares = [len(strategy.experimental_local_results(batch["targets"])[r]) for r in range(2)]
 summed = [sum(strategy.experimental_local_results(g)) for g in per_replica]
-print(shares, float(loss), float(sum(strategy.experimental_local_results(losses))))
 assert shares == [2, 2]
 np.testing.assert_allclose(float(sum(strategy.experimental_local_results(losses))), float(loss), rtol=1e-5)
 for a, b in zip(summed, grads):
