@@ -166,6 +166,21 @@ HEALTH_FIGURES = [  # figure, the config field of its threshold, whether the thr
 ]
 
 
+def ann_table(reports: dict[str, dict]) -> str:
+    """The approximate search against the exact one (bench/ann.py): on each dataset's written
+    lists, and on the searches alone on a large catalogue."""
+    rows = ["| data | users x items | recall@100 of ann vs exact | top-100 for every user, exact / ann | speed-up | "
+            "graph build | NDCG@10 of the written lists, exact / ann |", "|---|---|---|---|---|---|---|"]
+    for name, report in reports.items():
+        search = report.get("search", report)
+        ndcg = (f"{report['exact']['ndcg_at_10']:.4f} / {report['ann']['ndcg_at_10']:.4f} ({report['ndcg_ratio']:.3f}x)"
+                if "exact" in report else "-")
+        rows.append(f"| {name} | {search['users']:,} x {search['items']:,} | {search['recall_at_100']:.4f} | "
+                    f"{search['exact_seconds']:.1f} s / {search['ann_seconds']:.1f} s | {search['speedup']:.2f}x | "
+                    f"{search['build_seconds']:.1f} s | {ndcg} |")
+    return "\n".join(rows)
+
+
 def health_table(reports: dict[str, dict]) -> str:
     """Each list-health and drift figure's worst value over each dataset's normal nights,
     next to its default threshold."""
@@ -216,6 +231,10 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
     health = {name: report for name in QUALITY_DATASETS if (report := _load(results, f"health-{name}.json"))}
     beyond = _load(results, "beyond-ml-latest-small.json")
     repeats = _load(results, "quality-synthetic-repeats.json"), _load(results, "quality-synthetic-repeats-repeats.json")
+    ann = {path.stem.removeprefix("ann-").removeprefix("search-"): json.loads(path.read_text())
+           for path in sorted(results.glob("ann-*.json"))}
+    ann |= {f"synthetic {run['size']} (bench/scale.py)": run["ann_search"]
+            for run in (scale or {}).get("runs", []) if "ann_search" in run}
     out = {(ROOT / "docs" / "quality.md", f"quality:{name}"): quality_table(report) for name, report in quality.items()}
     out[(ROOT / "README.md", "summary:quality")] = quality_summary(quality)
     out[(ROOT / "README.md", "summary:speed")] = speed_summary(speed, rerun, scale)
@@ -233,6 +252,8 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
         out[(ROOT / "docs" / "performance.md", "rules")] = rules_table(rules)
     if health:
         out[(ROOT / "docs" / "operations.md", "health")] = health_table(health)
+    if ann:
+        out[(ROOT / "docs" / "performance.md", "ann")] = ann_table(ann)
     return out
 
 

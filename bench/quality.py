@@ -61,6 +61,16 @@ def split(interactions: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return visible, hidden
 
 
+def write_visible(visible: pl.DataFrame, items: pl.DataFrame | None, directory: Path) -> Path:
+    """The visible part (and the item table) as a dataset directory, `directory`/visible."""
+    data = directory / "visible"
+    data.mkdir()
+    visible.write_parquet(data / "interactions.parquet")
+    if items is not None:
+        items.write_parquet(data / "items.parquet")
+    return data
+
+
 def classical(visible: pl.DataFrame, users: list[str]) -> dict[str, tuple[pl.DataFrame, float]]:
     """Each baseline's lists for `users` and its seconds, on the visible part only."""
     matrix = baselines.Matrix.build(visible)
@@ -138,11 +148,7 @@ def bench(dataset: str, config: Path | None = None) -> dict:
 
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        data, workspace = Path(scratch) / "visible", Path(scratch) / "workspace"
-        data.mkdir()
-        visible.write_parquet(data / "interactions.parquet")
-        if items is not None:
-            items.write_parquet(data / "items.parquet")
+        data, workspace = write_visible(visible, items, Path(scratch)), Path(scratch) / "workspace"
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--source", str(data), "--workspace", str(workspace),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
-from bench.quality import RUN_DATE, K, load, split
+from bench.quality import RUN_DATE, K, load, split, write_visible
 from schemas.config import PipelineConfig, Run
 from schemas.tables import ModelDir
 from tasks.evaluate import retrieval_lists
@@ -41,11 +41,7 @@ def main() -> None:
     visible, hidden = split(interactions)
     truth = hidden.select(pl.col("user_id").alias("user"), pl.col("item_id").alias("item"))
     with tempfile.TemporaryDirectory() as scratch:
-        data = Path(scratch) / "visible"
-        data.mkdir()
-        visible.write_parquet(data / "interactions.parquet")
-        if items is not None:
-            items.write_parquet(data / "items.parquet")
+        data = write_visible(visible, items, Path(scratch))
         for number, setting in enumerate(json.loads(s) for s in args.settings):
             run = Run.of(PipelineConfig(source=str(data), workspace=str(Path(scratch) / f"try-{number}"),
                                         run_date=RUN_DATE, **setting))

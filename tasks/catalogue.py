@@ -19,7 +19,7 @@ import polars as pl
 from schemas.config import Run
 from schemas.tables import FALLBACK, SIMILAR_ITEMS, Catalogue, ChampionDecision, FeatureSet, ModelDir, Snapshot
 from tasks.features import Features, load_features
-from tasks.inference import RetrievalBundle, model_item_map, retrieve
+from tasks.inference import RetrievalBundle, item_graph, model_item_map, retrieve
 from tasks.stage import stage
 from tasks.workspace import publish_dir, temp_dir, write_parquet
 
@@ -73,15 +73,18 @@ def similar_items(models: ModelDir, features: Features, k: int) -> pl.DataFrame:
     """Each item of tonight's catalogue that the models know, with its `k` nearest such
     items that are servable tonight, by cosine similarity of the candidate tower's
     embeddings (an item that may not be shown still has its neighbours: its page may stay
-    up)."""
+    up). Where the models are searched approximately, so is this: through a graph of the
+    unit embeddings."""
     model_idx = model_item_map(models, features)
     known = np.flatnonzero(model_idx[1:] > 0)
-    embeddings = RetrievalBundle.load(models).item_embeddings[model_idx[1:][known]]
+    bundle = RetrievalBundle.load(models)
+    embeddings = bundle.item_embeddings[model_idx[1:][known]]
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    unit = np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit])
     rows = np.arange(known.size)
     servable = np.concatenate([[False], features.servable[1:][known]])
-    top, scores = retrieve(unit, np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit]), (rows, rows + 1), k,
-                           allowed=None if servable[1:].all() else servable)
+    top, scores = retrieve(unit[1:], unit, (rows, rows + 1), k, allowed=None if servable[1:].all() else servable,
+                           graph=None if bundle.graph is None else item_graph(unit))
     ids = features.items["item_id"].to_numpy()[known]
     width = top.shape[1]
     table = pl.DataFrame(

@@ -98,7 +98,7 @@ def recommend(
         blocked = _pairs_in(block, blocked_users, blocked_items)
         found = generate(retrieval.queries(user_map[block], histories[block]), retrieval.item_embeddings,
                          histories[block], similarity, blocked, popularity, activity[block], sources, at_least=k,
-                         allowed=allowed)
+                         allowed=allowed, graph=retrieval.graph)
         candidates, real = found.items, found.real
         ranked = ranker(user_idx=tf.constant(np.repeat(user_map[block], candidates.shape[1]).astype(np.int32)),
                         item_idx=tf.constant(candidates.ravel().astype(np.int32)),

@@ -77,7 +77,7 @@ def _train(
     similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), features.n_items,
                                  shrink=sources.shrink, asymmetry=sources.asymmetry)
     found = generate(bundle.queries(users, recent), bundle.item_embeddings, recent, similarity, rows_of(users, fit),
-                     features.item_popularity, activity, sources)
+                     features.item_popularity, activity, sources, graph=bundle.graph)
     picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"),
                           pl.lit(1.0).alias("label"))
     labels = (

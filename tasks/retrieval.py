@@ -32,7 +32,8 @@ from schemas.config import RetrievalConfig, Run
 from schemas.tables import FeatureSet, ModelDir, ModelSet, TrainedModel
 from tasks import privacy, tracking
 from tasks.features import Features, event_histories, load_features, save_vocabulary, user_histories
-from tasks.inference import N_ITEMS, as_table, model_item_map, model_user_map, query_blocks, retrieve, rows_of
+from tasks.inference import (N_ITEMS, approximate, as_table, item_graph, model_item_map, model_user_map, query_blocks,
+                             retrieve, rows_of, write_graph)
 from tasks.metrics import ranking_metrics
 from tasks.stage import stage
 from tasks.workspace import RecflowError, reuse, stage_key, temp_dir
@@ -98,12 +99,13 @@ def _train_and_export(run: Run, features_path: Path, warm: ModelDir | None, stag
     chief = resolver is None or not resolver.task_id
     out = staging if chief else ModelDir(path=temp_dir(run.workspace, "models-worker"))
     loaded = load_features(features_path)
+    searched_by_graph = approximate(cfg.index, loaded.n_items)
     fit = loaded.events.filter(pl.col("split") == "fit")
     model, history, epochs = _train(run, loaded, fit, strategy, warm, cfg.max_epochs,
-                                    _validation_recall(loaded, length))
-    export(model, out.fit_retrieval_path)
+                                    _validation_recall(loaded, length, searched_by_graph))
+    export(model, out.fit_retrieval_path, searched_by_graph)
     served, _, _ = _train(run, loaded, loaded.events, strategy, warm, epochs)
-    export(served, out.retrieval_path)
+    export(served, out.retrieval_path, searched_by_graph)
     log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, epochs)
     if chief:
         save_vocabulary(loaded, staging)
@@ -357,10 +359,11 @@ def warm_start(model, champion: ModelDir, features: Features) -> int:
     return copied
 
 
-def export(model, path: Path) -> None:
+def export(model, path: Path, graph: bool = False) -> None:
     """Save both towers as one SavedModel with `query` and `candidates` signatures at
     `path` (a models directory's retrieval path), and the size of the item vocabulary
-    beside it."""
+    beside it; with `graph`, the HNSW graph of its item embeddings too (every reader of
+    the model then searches approximately)."""
     from tasks.tfenv import tf
 
     module = tf.Module()
@@ -377,14 +380,19 @@ def export(model, path: Path) -> None:
 
     module.query, module.candidates = query, candidates
     tf.saved_model.save(module, str(path), signatures={"query": query, "candidates": candidates})
-    np.save(path / N_ITEMS, np.int64(model.candidate_model.items.ids.input_dim - 1))
+    n_items = model.candidate_model.items.ids.input_dim - 1
+    np.save(path / N_ITEMS, np.int64(n_items))
+    if graph:
+        write_graph(module.candidates(tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy(), path)
 
 
 # --- validation --------------------------------------------------------------------
 
 
-def _validation_recall(features: Features, length: int):
-    """A function of the model: recall@RECALL_AT of `valid` items, querying with `fit` history."""
+def _validation_recall(features: Features, length: int, graph: bool):
+    """A function of the model: recall@RECALL_AT of `valid` items, querying with `fit`
+    history; with `graph`, through an HNSW graph of the epoch's item embeddings, as the
+    exported model will be searched."""
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
     users = features.sampled(np.unique(valid["user_idx"].to_numpy()))
@@ -399,7 +407,7 @@ def _validation_recall(features: Features, length: int):
         items = model.candidate_model(all_items).numpy()
         queries = query_blocks(lambda ids, recent: model.query_model({"user_idx": ids, "history": recent}).numpy(),
                                users, history, items.shape[1])
-        top, _ = retrieve(queries, items, exclude, RECALL_AT)
+        top, _ = retrieve(queries, items, exclude, RECALL_AT, graph=item_graph(items) if graph else None)
         return ranking_metrics(as_table(users, top), truth, RECALL_AT, features.n_items)["recall"]
 
     return recall

@@ -40,7 +40,7 @@ MODELS, FEATURES = Path(RECOMMENDER_MODELS).name, Path(RECOMMENDER_FEATURES).nam
 OUTPUT = ["user_id", "rank", "item_id", "score", "retrieval_score", "because_item_id", "reason"]
 # What the model imports besides recflow itself, pinned at the versions that saved it.
 REQUIREMENTS = ["tensorflow", "tf-keras", "tensorflow-recommenders", "polars", "pyarrow", "scipy", "threadpoolctl",
-                "pydantic", "mlflow"]
+                "faiss-cpu", "pydantic", "mlflow"]
 
 
 class Recommender(mlflow.pyfunc.PythonModel):

@@ -55,7 +55,10 @@ def test_shards_cover_every_user_once_in_whole_blocks():
 
 @pytest.mark.slow
 def test_dask_sharded_scoring_writes_the_table_a_single_process_writes(tmp_path):
-    summary, log = recflow_run(tmp_path, "dask", {"shards": 2}, "--task-runner", "dask")
+    # Through the HNSW graph saved with the models (retrieval.index: ann): every shard reads the one graph.
+    summary, log = recflow_run(tmp_path, "dask", {"shards": 2, "retrieval": FAST["retrieval"] | {"index": "ann"}},
+                               "--task-runner", "dask")
+    assert summary["ndcg_at_10"] > summary["popularity_ndcg_at_10"]
     assert "Creating a new Dask cluster" in log
     flow_process = re.search(r"scored 2 shard\(s\): \d+ rows \(flow process (\d+)\)", log).group(1)
     shard_processes = set(re.findall(r"scored shard \d of 2 in process (\d+)", log))
@@ -70,6 +73,7 @@ def test_dask_sharded_scoring_writes_the_table_a_single_process_writes(tmp_path)
     features = json.loads((workspace / "features" / f"run_date={RUN_DATE}" / "_stage.json").read_text())["record"]
     manifest = json.loads((partition / "_manifest.json").read_text())
     models = next(p for p in (workspace / "models").iterdir() if (p / "retrieval").exists())
+    assert (models / "retrieval" / "items.hnsw").exists() and (models / "retrieval-fit" / "items.hnsw").exists()
     decision = ChampionDecision(
         promoted=True, reason="test", model_version=manifest["model_version"], mlflow_run_id=manifest["mlflow_run_id"],
         models_path=models, metrics={},

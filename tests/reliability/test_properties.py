@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.config import ListConfig
-from tasks.inference import as_table, retrieve
+from tasks.inference import as_table, item_graph, retrieve
 from tasks.metrics import ranking_metrics
 from tasks.workspace import write_parquet
 
@@ -50,6 +50,24 @@ def test_top_k_lists_are_distinct_unseen_best_first_and_truly_the_best(case):
         assert (np.diff(scores[user][real]) <= 0).all()
         best = np.sort(all_scores[user, available])[::-1][: picked.size]
         np.testing.assert_allclose(scores[user][real], best, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(retrieval_cases(), st.booleans())
+def test_top_k_lists_through_a_graph_keep_every_rule(case, shelves):
+    queries, items, seen, k, _ = case
+    rows, item_ids = np.nonzero(seen)
+    allowed = np.random.default_rng(k).random(items.shape[0]) > 0.3 if shelves else None
+    top, scores = retrieve(queries, items, (rows, item_ids), k, allowed=allowed, graph=item_graph(items))
+    for user in range(len(queries)):
+        available = np.flatnonzero(~seen[user] & (True if allowed is None else allowed))
+        available = available[available > 0]
+        real = np.isfinite(scores[user])
+        assert real.sum() == min(k, available.size)
+        picked = top[user][real]
+        assert len(set(picked.tolist())) == picked.size and np.isin(picked, available).all()
+        assert (np.diff(scores[user][real]) <= 0).all()
+        np.testing.assert_allclose(scores[user][real], queries[user] @ items[picked].T, rtol=1e-5, atol=1e-5)
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Ranking metrics against hand-computed values, and brute-force top-N retrieval."""
+"""Ranking metrics against hand-computed values, and top-N retrieval: exact and through an HNSW graph."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.inference import retrieve
+from tasks.inference import ANN_FROM, approximate, item_graph, retrieve
 from tasks.metrics import list_metrics, ranking_metrics
 
 
@@ -166,6 +166,70 @@ def test_retrieve_asks_for_at_most_the_catalogue():
 
     assert top.tolist() == [[2, 3, 1], [2, 3, 1]]
     assert scores.tolist() == [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
+
+
+# --- retrieve through a graph (retrieval.index: ann) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    """4,000 items in 100 clusters (dim 16), 300 users near them; the users' seen items
+    (0-40 each; users 0-2 have 2,500, more than a graph search could leave room for) and 10% of the items
+    off the shelves."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(100, 16))
+    items = (centres[rng.integers(0, 100, 4001)] + 0.5 * rng.normal(size=(4001, 16))).astype(np.float32)
+    queries = (items[rng.integers(1, 4001, 300)] + 0.5 * rng.normal(size=(300, 16))).astype(np.float32)
+    seen = rng.integers(0, 41, 300)
+    seen[:3] = 2500
+    rows = np.repeat(np.arange(300), seen)
+    exclude = (rows, np.concatenate([rng.choice(np.arange(1, 4001), size, replace=False) for size in seen]))
+    allowed = rng.random(4001) > 0.1
+    return queries, items, exclude, allowed
+
+
+def test_a_graph_search_finds_the_exact_top_items_but_a_few_and_keeps_every_rule(catalogue):
+    queries, items, exclude, allowed = catalogue
+    exact, _ = retrieve(queries, items, exclude, 50, allowed=allowed)
+
+    top, scores = retrieve(queries, items, exclude, 50, allowed=allowed, graph=item_graph(items))
+
+    found = np.mean([np.intersect1d(a, b).size / 50 for a, b in zip(top, exact)])
+    assert 0.98 <= found < 1  # approximate, and close
+    excluded = set(zip(*(part.tolist() for part in exclude)))
+    assert all((row, item) not in excluded for row in range(300) for item in top[row].tolist())
+    assert (top > 0).all() and allowed[top].all() and all(len(set(row)) == 50 for row in top)
+    np.testing.assert_allclose(scores, np.einsum("ud,und->un", queries, items[top]), rtol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    np.testing.assert_array_equal(top[:3], exact[:3])  # most items seen: short from the graph, searched exactly
+
+
+def test_a_graph_search_gives_the_same_lists_rebuilt_and_in_shards(catalogue):
+    queries, items, exclude, allowed = catalogue
+    whole, _ = retrieve(queries, items, exclude, 50, allowed=allowed, graph=item_graph(items))
+    rebuilt = item_graph(items)
+    for start in (0, 120):
+        inside = (exclude[0] >= start) & (exclude[0] < start + 180)
+        shard, _ = retrieve(queries[start : start + 180], items, (exclude[0][inside] - start, exclude[1][inside]), 50,
+                            allowed=allowed, graph=rebuilt)
+        np.testing.assert_array_equal(shard, whole[start : start + 180])
+
+
+def test_where_a_graph_search_comes_back_short_the_user_is_searched_exactly(catalogue):
+    queries, items, exclude, _ = catalogue
+    allowed = np.zeros(items.shape[0], bool)
+    allowed[1:31] = True  # 30 items on the shelves: a search for 50 cannot fill a list
+
+    top, scores = retrieve(queries, items, exclude, 50, allowed=allowed, graph=item_graph(items))
+
+    exact = retrieve(queries, items, exclude, 50, allowed=allowed)
+    np.testing.assert_array_equal(top, exact[0])
+    np.testing.assert_array_equal(scores, exact[1])  # -inf past the last item that qualifies
+
+
+def test_the_index_setting_chooses_the_search_and_auto_follows_the_catalogue_size():
+    assert approximate("ann", 10) and not approximate("exact", 10 * ANN_FROM)
+    assert not approximate("auto", ANN_FROM - 1) and approximate("auto", ANN_FROM)
 
 
 def test_list_metrics_match_hand_computed_values():
