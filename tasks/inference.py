@@ -124,6 +124,7 @@ def _approximate(queries: np.ndarray, item_embeddings: np.ndarray, graph, exclud
 
     def one_block(start: int) -> np.ndarray:
         """Searches a block of users; returns those left short."""
+        faiss.omp_set_num_threads(1)  # for this thread: two blocks side by side use the cores
         users = np.arange(start, min(start + GRAPH_BLOCK, queries.shape[0]))
         scores, found = graph.search(np.ascontiguousarray(queries[users], np.float32), size, params=params)
         found += 1
@@ -137,7 +138,7 @@ def _approximate(queries: np.ndarray, item_embeddings: np.ndarray, graph, exclud
         top_scores[users[complete]] = scores[complete][keep[complete]].reshape(-1, n)
         return users[~complete]
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # faiss, on one thread like BLAS, releases the GIL
+    with ThreadPoolExecutor(max_workers=2) as pool:  # faiss releases the GIL while it searches
         exact = list(pool.map(one_block, range(0, queries.shape[0], GRAPH_BLOCK)))
     redo = np.sort(np.concatenate(exact)) if exact else np.zeros(0, np.int64)
     if redo.size:
