@@ -359,10 +359,10 @@ def warm_start(model, champion: ModelDir, features: Features) -> int:
     return copied
 
 
-def export(model, path: Path, graph: bool = False) -> None:
+def export(model, path: Path, with_graph: bool = False) -> None:
     """Save both towers as one SavedModel with `query` and `candidates` signatures at
     `path` (a models directory's retrieval path), and the size of the item vocabulary
-    beside it; with `graph`, the HNSW graph of its item embeddings too (every reader of
+    beside it; `with_graph`, the HNSW graph of its item embeddings too (every reader of
     the model then searches approximately)."""
     from tasks.tfenv import tf
 
@@ -382,16 +382,16 @@ def export(model, path: Path, graph: bool = False) -> None:
     tf.saved_model.save(module, str(path), signatures={"query": query, "candidates": candidates})
     n_items = model.candidate_model.items.ids.input_dim - 1
     np.save(path / N_ITEMS, np.int64(n_items))
-    if graph:
+    if with_graph:
         write_graph(module.candidates(tf.range(n_items + 1, dtype=tf.int32))["embedding"].numpy(), path)
 
 
 # --- validation --------------------------------------------------------------------
 
 
-def _validation_recall(features: Features, length: int, graph: bool):
+def _validation_recall(features: Features, length: int, with_graph: bool):
     """A function of the model: recall@RECALL_AT of `valid` items, querying with `fit`
-    history; with `graph`, through an HNSW graph of the epoch's item embeddings, as the
+    history; `with_graph`, through an HNSW graph of the epoch's item embeddings, as the
     exported model will be searched."""
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
@@ -407,7 +407,7 @@ def _validation_recall(features: Features, length: int, graph: bool):
         items = model.candidate_model(all_items).numpy()
         queries = query_blocks(lambda ids, recent: model.query_model({"user_idx": ids, "history": recent}).numpy(),
                                users, history, items.shape[1])
-        top, _ = retrieve(queries, items, exclude, RECALL_AT, graph=item_graph(items) if graph else None)
+        top, _ = retrieve(queries, items, exclude, RECALL_AT, graph=item_graph(items) if with_graph else None)
         return ranking_metrics(as_table(users, top), truth, RECALL_AT, features.n_items)["recall"]
 
     return recall
