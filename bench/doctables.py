@@ -12,6 +12,7 @@ results files say.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,41 @@ def scale_table(scale: dict, training: dict | None) -> str:
     return "\n".join(rows)
 
 
+PROJECTED = {"100M": 100e6, "1B": 1e9}  # nights the growth table projects to (interactions)
+
+
+def growth_table(scale: dict) -> str:
+    """Each stage's seconds at the measured sizes, its growth exponent between the two largest
+    (seconds grow as interactions^b; users and items grow with the interactions in these
+    nights, so b <= 1 is no faster than users + items), and a projection to larger nights of
+    the same shape on one such machine at that exponent."""
+    runs = sorted(scale["runs"], key=lambda run: run["interactions"])
+    if len(runs) < 2:
+        return "(needs two sizes)"
+    prev, last = runs[-2], runs[-1]
+    span = math.log(last["interactions"] / prev["interactions"])
+    rows = ["| stage | " + " | ".join(run["size"] for run in runs) + f" | b ({prev['size']} to {last['size']}) | "
+            + " | ".join(f"{name} (projected)" for name in PROJECTED) + " |",
+            "|---|" + "---|" * (len(runs) + 1 + len(PROJECTED))]
+    totals = dict.fromkeys(PROJECTED, 0.0)
+    for stage in last["stage_s"]:
+        if stage == "total" or last["stage_s"][stage] < 1:
+            continue
+        b = max(0.0, math.log(max(last["stage_s"][stage], 0.01) / max(prev["stage_s"].get(stage, 0.01), 0.01)) / span)
+        projected = {name: last["stage_s"][stage] * (n / last["interactions"]) ** b for name, n in PROJECTED.items()}
+        for name in PROJECTED:
+            totals[name] += projected[name]
+        rows.append(f"| {stage} | " + " | ".join(f"{run['stage_s'].get(stage, 0):,.0f} s" for run in runs)
+                    + f" | {b:.2f} | " + " | ".join(_duration(projected[name]) for name in PROJECTED) + " |")
+    rows.append("| whole night | " + " | ".join(f"{run['wall_s']:,.0f} s" for run in runs) + " | | "
+                + " | ".join(_duration(totals[name]) for name in PROJECTED) + " |")
+    return "\n".join(rows)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def rules_table(rules: dict) -> str:
     """The score stage's work with and without the business rules, same features and models."""
     rows = [f"{rules['size']} ({rules['users']:,} users, {rules['items']:,} items; the night's rules: "
@@ -248,6 +284,7 @@ def blocks(results: Path = RESULTS) -> dict[tuple[Path, str], str]:
         out[(ROOT / "docs" / "performance.md", "rerun")] = rerun_table(rerun)
     if scale:
         out[(ROOT / "docs" / "performance.md", "scale")] = scale_table(scale, training)
+        out[(ROOT / "docs" / "operations.md", "growth")] = growth_table(scale)
     if rules:
         out[(ROOT / "docs" / "performance.md", "rules")] = rules_table(rules)
     if health:

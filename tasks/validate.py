@@ -19,11 +19,15 @@ from pathlib import Path
 import polars as pl
 
 from schemas.config import Run, ValidationConfig
-from schemas.tables import STAGE_RECORD, Snapshot
+from schemas.tables import INTERACTIONS_REQUIRED, STAGE_RECORD, Snapshot
 from tasks.stage import stage
 from tasks.workspace import RecflowError, publish_dir, reuse, stamp, temp_dir, write_json
 
 log = logging.getLogger(__name__)
+
+# Interaction rows per validation of the row checks: Great Expectations' memory follows the
+# slice, not the table (at 30M events the whole table took about 10 GB).
+SLICE_ROWS = 2_000_000
 
 
 class ValidationFailed(RecflowError):
@@ -127,12 +131,15 @@ def _categories(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame
 def run_suites(snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, previous: Snapshot | None = None) -> list[dict]:
     """Run every suite on the snapshot (with `previous`, the latest earlier snapshot, the
     volume and drift checks too); write results and Data Docs beside it
-    (`Snapshot.validation`); return the failures."""
+    (`Snapshot.validation`: a `<table>.json` each; `interaction_rows.<n>.json` for the n-th
+    slice of SLICE_ROWS interactions when there are several); return the failures, each
+    described once over the slices."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
     from schemas.rules import servable_catalogue, serving_moment
-    from schemas.suites import catalogue_suite, drift_suites, exclusions_suite, interactions_suite, items_suite
+    from schemas.suites import (catalogue_suite, drift_suites, exclusions_suite, interaction_rows_suite,
+                                interactions_suite, items_suite)
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="great_expectations")
@@ -151,22 +158,29 @@ def run_suites(snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, pre
     items = pl.read_parquet(snapshot.items) if snapshot.has_items else None
     interactions = pl.read_parquet(snapshot.interactions)
     volume = (previous.path.name.removeprefix("run_date="), previous.n_interactions) if previous else None
-    tables = [("interactions", _without_user_ids(interactions), interactions_suite(
-        cfg, run_date, items["item_id"].drop_nulls().unique().to_list() if items is not None else None, volume
-    ))]
+    item_ids = items["item_id"].drop_nulls().unique().to_list() if items is not None else None
+    hidden = _without_user_ids(interactions)
+    whole = hidden.select(pl.col(c).cast(pl.Categorical) if c != "timestamp" else c
+                          for c in INTERACTIONS_REQUIRED if c in hidden.columns)
+    tables = [
+        ("interactions", [whole], interactions_suite(cfg, run_date, item_ids, volume)),
+        ("interaction_rows", [hidden.slice(start, SLICE_ROWS) for start in range(0, max(hidden.height, 1), SLICE_ROWS)],
+         interaction_rows_suite(cfg, run_date)),
+    ]
     if items is not None:
-        tables.append(("items", items.select("item_id"), items_suite()))
+        tables.append(("items", [items.select("item_id")], items_suite()))
     exclusions = pl.read_parquet(snapshot.exclusions) if snapshot.exclusions.exists() else None
     if exclusions is not None:  # its user ids are never handed to GE (its results quote values)
-        tables.append(("exclusions", exclusions.select("item_id", "until"), exclusions_suite()))
+        tables.append(("exclusions", [exclusions.select("item_id", "until")], exclusions_suite()))
     catalogue = items if items is not None else interactions.select("item_id").unique()
     servable = servable_catalogue(catalogue, exclusions, serving_moment(run_date)).select(pl.col("servable").cast(pl.Int8))
-    tables.append(("catalogue", servable, catalogue_suite(run_date)))
+    tables.append(("catalogue", [servable], catalogue_suite(run_date)))
     if previous is not None and interactions.height:  # (no rows: the row count already fails)
         frames = drift(snapshot, interactions, items, previous)
-        tables += [(f"drift_{name}", frames[name], suite) for name, suite in drift_suites(cfg, volume[0], frames).items()]
+        tables += [(f"drift_{name}", [frames[name]], suite) for name, suite in drift_suites(cfg, volume[0], frames).items()]
+    del interactions, hidden, whole
     failures = []
-    for name, frame, suite in tables:
+    for name, slices, suite in tables:
         batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all")
         definition = context.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=batch, suite=context.suites.add(suite))
@@ -179,14 +193,26 @@ def run_suites(snapshot: Snapshot, run_date: dt.date, cfg: ValidationConfig, pre
                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
             )
         )
-        frame_pd = frame.to_pandas(use_pyarrow_extension_array=True)
-        result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame_pd}).run_results.values()))
-        write_json(result.to_json_dict(), snapshot.validation / f"{name}.json")
+        results = []
+        for number, frame in enumerate(slices, 1):
+            frame_pd = _pandas(frame)
+            result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame_pd}).run_results.values()))
+            del frame_pd
+            write_json(result.to_json_dict(), snapshot.validation / (f"{name}.json" if len(slices) == 1 else
+                                                                     f"{name}.{number}.json"))
+            results.append(result)
+        slices.clear()
         file = snapshot.origin.get("items" if snapshot.has_items else "interactions") if name == "catalogue" else \
-            snapshot.origin.get("interactions") if name.startswith("drift_") else None
-        failures += [_describe(r, file or snapshot.origin.get(name, name)) for r in result.results if not r.success]
+            snapshot.origin.get("interactions") if name.startswith(("drift_", "interaction")) else None
+        failures += _failures(results, file or snapshot.origin.get(name, name))
     log.info("validation: %d failed expectation(s)", len(failures))
     return failures
+
+
+def _pandas(frame: pl.DataFrame):
+    """`frame` as GE reads it: pandas, strings as Arrow strings, categories as pandas
+    categories (which GE's pandas engine compares by their codes)."""
+    return frame.to_pandas(use_pyarrow_extension_array=pl.Categorical not in frame.dtypes)
 
 
 def _without_user_ids(interactions: pl.DataFrame) -> pl.DataFrame:
@@ -198,21 +224,32 @@ def _without_user_ids(interactions: pl.DataFrame) -> pl.DataFrame:
     return interactions.with_columns(pl.when(kept).then(pl.col("user_id")).otherwise(stand_in).alias("user_id"))
 
 
-def _describe(result, file: str) -> dict:
-    config, outcome = result.expectation_config, result.result
+def _failures(results: list, file: str) -> list[dict]:
+    """The failed expectations of one table's results (one result per slice of it), each
+    described once, over every slice: offending rows summed, samples from the first."""
+    slices = list(zip(*(result.results for result in results)))  # an expectation's result in each slice
+    return [_describe(outcomes, file) for outcomes in slices if not all(o.success for o in outcomes)]
+
+
+def _describe(outcomes: tuple, file: str) -> dict:
+    """One failed expectation, from its results in every slice."""
+    first = next(o for o in outcomes if not o.success)
+    config = first.expectation_config
     column = config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or []) or "table"
-    if result.exception_info.get("raised_exception"):
-        detail = result.exception_info.get("exception_message", "could not be evaluated")
-    elif "unexpected_count" in outcome:
+    if first.exception_info.get("raised_exception"):
+        detail = first.exception_info.get("exception_message", "could not be evaluated")
+    elif "unexpected_count" in first.result:
         # user ids may be personal data (emails, account numbers): counted, never echoed
         private = "user_id" in column
-        sample = [] if private else [str(v) for v in (outcome.get("partial_unexpected_list") or [])[:3]]
+        offending = sum(o.result.get("unexpected_count", 0) for o in outcomes)
+        judged = sum(o.result.get("element_count", 0) - o.result.get("missing_count", 0) for o in outcomes)
+        sample = [] if private else [str(v) for o in outcomes for v in (o.result.get("partial_unexpected_list") or [])][:3]
         detail = (
-            f"{outcome['unexpected_count']} offending row(s) ({outcome.get('unexpected_percent', 0):.2f}%)"
+            f"{offending} offending row(s) ({100 * offending / max(judged, 1):.2f}%)"
             + (f", e.g. {', '.join(sample)}" if sample else "")
         )
     else:
-        observed = outcome.get("observed_value")
+        observed = first.result.get("observed_value")
         observed = f"{float(observed):.4g}" if isinstance(observed, (int, float)) else repr(observed)
         detail = f"observed {observed}, expected {_expected(config.kwargs)}"
     if (config.meta or {}).get("check"):

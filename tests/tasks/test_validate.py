@@ -43,8 +43,10 @@ def test_valid_input_is_published_with_results_and_data_docs(tmp_path, clean):
     partition = tmp_path / "ws" / "snapshots" / f"run_date={RUN_DATE}"
     assert published.path == partition
     assert (partition / "interactions.parquet").exists() and (partition / "items.parquet").exists()
-    result = json.loads((partition / "validation" / "interactions.json").read_text())
-    assert result["success"] is True and result["statistics"]["evaluated_expectations"] >= 15
+    results = [json.loads((partition / "validation" / f"{name}.json").read_text())
+               for name in ("interactions", "interaction_rows")]  # the whole table's checks, then each row's
+    assert all(result["success"] for result in results)
+    assert sum(result["statistics"]["evaluated_expectations"] for result in results) >= 15
     assert (partition / "validation" / "docs" / "index.html").exists()
     assert list((partition / "validation" / "docs" / "validations").rglob("*.html"))
     assert not list((tmp_path / "ws" / ".tmp").iterdir())
@@ -65,6 +67,23 @@ def test_out_of_range_ratings_fail_naming_the_expectation_file_and_values(tmp_pa
     reasons = json.loads((quarantine / "reasons.json").read_text())
     assert [r["expectation"] for r in reasons] == ["expect_column_values_to_be_between"]
     assert (quarantine / "interactions.parquet").exists()
+
+
+def test_rows_are_validated_in_slices_and_their_failures_summed_while_sizes_count_the_whole_table(
+        tmp_path, clean, monkeypatch):
+    monkeypatch.setattr("tasks.validate.SLICE_ROWS", 100)
+    interactions, items = clean
+    n = interactions.height
+    whole_table = run(tmp_path / "whole", interactions, items, min_rows=n)  # each slice holds only 100 rows
+    assert len(list(whole_table.validation.glob("interaction_rows.*.json"))) == -(-n // 100) > 3
+    broken = interactions.with_columns(
+        pl.when(pl.int_range(pl.len()).is_in([5, n // 2, n - 1])).then(9.5).otherwise(pl.col("rating")).alias("rating"))
+    with pytest.raises(ValidationFailed) as error:
+        run(tmp_path / "broken", broken, items, min_rows=n + 1)
+    message, rated = str(error.value), broken["rating"].count()  # GE's percentages are of the non-null values
+    assert f"expect_column_values_to_be_between(rating): 3 offending row(s) ({300 / rated:.2f}%), e.g. 9.5" in message
+    assert f"expect_table_row_count_to_be_between(table): observed {n}, expected min_value={n + 1}" in message
+    assert message.count("expect_column_values_to_be_between(rating)") == 1
 
 
 def test_interactions_with_items_missing_from_the_items_table_fail(tmp_path, clean):
