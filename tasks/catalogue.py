@@ -73,8 +73,9 @@ def similar_items(models: ModelDir, features: Features, k: int) -> pl.DataFrame:
     """Each item of tonight's catalogue that the models know, with its `k` nearest such
     items that are servable tonight, by cosine similarity of the candidate tower's
     embeddings (an item that may not be shown still has its neighbours: its page may stay
-    up). Where the models are searched approximately, so is this: through a graph of the
-    unit embeddings."""
+    up). Where the models are searched approximately, so is this: through the models' graph
+    when they were trained on tonight's catalogue (their embeddings are unit vectors
+    already), else through a graph of these items."""
     model_idx = model_item_map(models, features)
     known = np.flatnonzero(model_idx[1:] > 0)
     bundle = RetrievalBundle.load(models)
@@ -83,8 +84,11 @@ def similar_items(models: ModelDir, features: Features, k: int) -> pl.DataFrame:
     unit = np.vstack([np.zeros((1, unit.shape[1]), unit.dtype), unit])
     rows = np.arange(known.size)
     servable = np.concatenate([[False], features.servable[1:][known]])
+    graph = bundle.graph
+    if graph is not None and not np.array_equal(model_idx[1:][known], np.arange(1, bundle.item_embeddings.shape[0])):
+        graph = item_graph(unit)  # the models' graph holds other items than tonight's (an earlier night's champion)
     top, scores = retrieve(unit[1:], unit, (rows, rows + 1), k, allowed=None if servable[1:].all() else servable,
-                           graph=None if bundle.graph is None else item_graph(unit))
+                           graph=graph)
     ids = features.items["item_id"].to_numpy()[known]
     width = top.shape[1]
     table = pl.DataFrame(

@@ -86,7 +86,8 @@ def recommend(
     histories = item_map[user_histories(history, features.n_users, retrieval.history_length)]
     activity = np.bincount(history["user_idx"].to_numpy(), minlength=features.n_users + 1)
     blocked_users, blocked_items = (array.to_numpy() for array in never_again(history, features, lists))
-    blocked_items = item_map[blocked_items]
+    by_user = np.argsort(blocked_users, kind="stable")  # once: a block then finds its pairs by binary search
+    blocked_users, blocked_items = blocked_users[by_user], item_map[blocked_items[by_user]]
     allowed = servable_items(features, item_map, item_ids.size)
     fallback = item_map[features.fallback_order()]
     fallback = fallback[fallback > 0]  # items the models do not know cannot be scored or explained
@@ -396,7 +397,13 @@ def _sources(models: ModelDir) -> CandidateSources:
 
 
 def _pairs_in(block: np.ndarray, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row in sorted `block`, item) for events of users in `block`, unknown items dropped."""
-    row = np.minimum(np.searchsorted(block, users), block.size - 1)
-    keep = (block[row] == users) & (items > 0)
-    return row[keep], items[keep]
+    """(row in `block`, item) for the pairs (`users` sorted, `items`) of the users in
+    `block`, unknown items dropped: work in the block's pairs, not in all of them (a scan of
+    every pair per block made scoring grow with users x events)."""
+    keys = block.astype(users.dtype)  # as `users`: numpy would otherwise convert all of them, per block
+    low, high = np.searchsorted(users, keys, "left"), np.searchsorted(users, keys, "right")
+    counts = high - low
+    rows = np.repeat(np.arange(block.size), counts)
+    at = np.arange(counts.sum()) + np.repeat(low - (np.cumsum(counts) - counts), counts)
+    keep = items[at] > 0
+    return rows[keep], items[at][keep]

@@ -93,8 +93,8 @@ def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -
         return reuse(target, job.key, PublishedTable)
     log.info("scored %d shard(s): %d rows (flow process %d)", len(shards), sum(s.rows for s in shards), os.getpid())
     (job.path / SHARED).unlink(missing_ok=True)
-    table = pl.read_parquet(job.path / "*.parquet")
-    published = PublishedTable(key=job.key, path=target, rows=table.height, users=table["user_id"].n_unique(),
+    users = pl.scan_parquet(job.path / "*.parquet").select(pl.col("user_id").n_unique()).collect().item()
+    published = PublishedTable(key=job.key, path=target, rows=sum(s.rows for s in shards), users=users,
                                users_filled=sum(s.users_filled for s in shards))
     manifest = {"run_date": run.run_date.isoformat(), "model_version": job.decision.model_version,
                 "mlflow_run_id": job.decision.mlflow_run_id, "nightly_run_id": run_id}

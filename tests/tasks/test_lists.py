@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.lists import capped, diversify, explain, fill_short_lists, make_room_for_new_items, never_again
+from tasks.lists import _pairs_in, capped, diversify, explain, fill_short_lists, make_room_for_new_items, never_again
 
 
 def test_diversity_trades_relevance_for_a_new_category_and_keeps_scores_non_increasing():
@@ -119,3 +119,15 @@ def test_with_repeats_an_item_may_come_back_once_enough_days_have_passed_since_i
     assert blocked(ListConfig()) == {(1, 10), (1, 11), (2, 12), (2, 13), (2, 14)}  # off: everything seen, never again
     assert blocked(ListConfig(repeats=True, repeat_after_days=30)) == {(1, 10), (2, 13), (2, 14)}
     assert blocked(ListConfig(repeats=True, repeat_after_days=50)) == {(1, 10), (1, 11), (2, 12), (2, 13), (2, 14)}
+
+
+def test_a_block_finds_exactly_its_users_pairs_among_all_of_them():
+    rng = np.random.default_rng(0)
+    users = np.sort(rng.integers(1, 50, 400)).astype(np.int32)  # sorted by user, as scoring keeps them
+    items = rng.integers(0, 30, users.size)  # 0: an item the models do not know
+    block = np.sort(rng.choice(np.arange(1, 60), 12, replace=False))  # some users without any pair
+    rows, found = _pairs_in(block, users, items)
+    expected = [(row, item) for user, item in zip(users, items) if item > 0
+                for row in np.flatnonzero(block == user)]
+    assert list(zip(rows.tolist(), found.tolist())) == [(int(r), int(i)) for r, i in expected]  # in the same order
+    assert all(size == 0 for size in (x.size for x in _pairs_in(np.array([99]), users, items)))
