@@ -1,6 +1,6 @@
 """Lists: from ranked candidates to each user's published list, and back.
 
-`recommend` is the one path from a model directory (retrieval + ranking SavedModels and
+`recommend` (block by block: `recommend_blocks`) is the one path from a model directory (retrieval + ranking SavedModels and
 their vocabularies) to top-K lists: draw candidates from both sources (tasks/candidates.py),
 rank them, choose the list (plain order, or maximal marginal relevance with
 `lists.diversity`), give the last positions to new items (`lists.new_item_slots`), fill
@@ -17,7 +17,9 @@ caps each category in a list.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -47,6 +49,21 @@ def recommend(
     lists: ListConfig = ListConfig(),
     fit_model: bool = False,
 ) -> pl.DataFrame:
+    """`recommend_blocks`, as one frame."""
+    blocks = list(recommend_blocks(models, features, users, history, k, similarity, lists, fit_model))
+    return pl.concat(blocks) if blocks else pl.DataFrame(schema=RECS_SCHEMA)
+
+
+def recommend_blocks(
+    models: ModelDir,
+    features: Features,
+    users: np.ndarray,
+    history: pl.DataFrame,
+    k: int,
+    similarity: sp.csr_matrix | None = None,
+    lists: ListConfig = ListConfig(),
+    fit_model: bool = False,
+) -> Iterator[pl.DataFrame]:
     """Top-`k` lists for `users` (tonight's user_idx) from the models in `models`, each
     recommendation explained by the history item most like it; with `fit_model`, from the
     two-tower model trained on the fit split alone (the evaluation's).
@@ -64,7 +81,9 @@ def recommend(
     choice within `lists.max_per_category`. A list with fewer than `k` candidates left is
     filled from `features.fallback_order()` under the same rules (`fill_short_lists`).
     Users are scored USERS_PER_BLOCK at a time (two blocks side by side), in the order
-    given. Returns one row per (user, rank) with the columns of RECS_SCHEMA.
+    given. Yields each block's lists, in that order (a caller that writes them as they come
+    never holds them all): one row per (user, rank) with the columns of RECS_SCHEMA, the
+    block's users sorted.
     """
     from tasks.tfenv import tf
 
@@ -111,7 +130,7 @@ def recommend(
         retrieval_score[filled] = np.nan
         because, closeness = explain(unit, top, histories[block])
         width = top.shape[1]
-        return pl.DataFrame(
+        recs = pl.DataFrame(
             {
                 "user_idx": np.repeat(block, width).astype(np.int32),
                 "rank": np.tile(np.arange(1, width + 1, dtype=np.int32), block.size),
@@ -126,26 +145,31 @@ def recommend(
             },
             schema_overrides={"item_id": pl.String, "because_item_id": pl.String, "because_title": pl.String},
         ).with_columns(pl.col("retrieval_score").fill_nan(None))
+        reason = (
+            pl.when(pl.col("because_item_id").is_null())
+            .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
+            .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title",
+                                 "similarity"))
+        )
+        reason = pl.when(pl.col("new")).then(pl.lit("new in the catalogue; ") + reason).otherwise(reason)
+        reason = pl.when(pl.col("filled")).then(pl.lit(FILLED_REASON)).otherwise(reason)
+        because = pl.when(pl.col("filled")).then(None).otherwise(pl.col("because_item_id"))
+        return (recs.filter(pl.col("score").is_finite())
+                .with_columns(reason.alias("reason"), because.alias("because_item_id"))
+                .select(RECS_SCHEMA.keys()))
 
     # Two blocks at a time: candidate generation is mostly numpy, single-threaded but
     # releasing the GIL, so one block's candidates are drawn while the other's are ranked.
-    # The blocks are joined in order: the lists do not depend on the threads.
+    # Blocks are yielded in order (the lists do not depend on the threads), at most one
+    # waiting beside the two being scored.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        frames = list(pool.map(one_block, range(0, users.size, USERS_PER_BLOCK)))
-    recs = pl.concat(frames) if frames else pl.DataFrame(
-        schema=RECS_SCHEMA | {"because_title": pl.String, "similarity": pl.String, "new": pl.Boolean}
-    )
-    reason = (
-        pl.when(pl.col("because_item_id").is_null())
-        .then(pl.lit("matches your profile (none of your recent items is known to the model)"))
-        .otherwise(pl.format('similar to "{}" in your recent history (similarity {})', "because_title", "similarity"))
-    )
-    reason = pl.when(pl.col("new")).then(pl.lit("new in the catalogue; ") + reason).otherwise(reason)
-    reason = pl.when(pl.col("filled")).then(pl.lit(FILLED_REASON)).otherwise(reason)
-    return (recs.filter(pl.col("score").is_finite())
-            .with_columns(reason.alias("reason"),
-                          pl.when(pl.col("filled")).then(None).otherwise(pl.col("because_item_id")).alias("because_item_id"))
-            .select(RECS_SCHEMA.keys()))
+        pending: deque[Future] = deque()
+        for start in range(0, users.size, USERS_PER_BLOCK):
+            pending.append(pool.submit(one_block, start))
+            if len(pending) > 2:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def never_again(history: pl.DataFrame, features: Features, lists: ListConfig) -> tuple[pl.Series, pl.Series]:

@@ -3,7 +3,7 @@
 Eighth and ninth stages of the nightly DAG. `prepare` makes the staging directory of
 tonight's partition with what every shard shares (the co-occurrence similarity of
 tonight's histories); `score_shard` writes one range of users' part of the output table
-there with `tasks.lists.recommend` (shards may run on Dask workers); `publish` renames the
+there with `tasks.lists.recommend_blocks`, block by block (shards may run on Dask workers); `publish` renames the
 directory into recommendations/run_date=.../ with its manifest. When the partition
 already holds the lists of the same features, models, champion decision and list
 settings, all three reuse it.
@@ -21,9 +21,9 @@ import scipy.sparse as sp
 from schemas.config import Run
 from schemas.tables import RECOMMENDATIONS, ChampionDecision, FeatureSet, PublishedTable, ScoredShard, ScoringJob
 from tasks.features import load_features
-from tasks.lists import USERS_PER_BLOCK, history_similarity, recommend
+from tasks.lists import USERS_PER_BLOCK, history_similarity, recommend_blocks
 from tasks.stage import stage
-from tasks.workspace import publish_dir, reuse, stage_key, stamp, temp_dir, write_json, write_parquet
+from tasks.workspace import publish_dir, reuse, stage_key, stamp, temp_dir, write_json, write_parquet_blocks
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +65,32 @@ def score_shard(run: Run, job: ScoringJob, shard: int) -> ScoredShard:
     if users.size == 0:  # more shards than blocks of users
         return ScoredShard(key=job.key, shard=shard, rows=0)
     similarity = sp.load_npz(job.path / SHARED)
-    recs = recommend(decision.models, features, users, features.events, cfg.top_k, similarity, cfg.lists)
-    filled_users = recs.filter("filled")["user_idx"].n_unique()
-    table = (
-        recs.join(features.users.select("user_idx", "user_id"), on="user_idx")
-        .with_columns(
-            pl.lit(run.run_date).alias("run_date"),
-            pl.lit(decision.model_version).alias("model_version"),
-            pl.lit(decision.mlflow_run_id).alias("mlflow_run_id"),
-        )
-        .sort("user_id", "rank")
-        .select(RECOMMENDATIONS.names())
-        .cast(dict(RECOMMENDATIONS))
-    )
-    write_parquet(table, job.path / f"part-{shard:05d}.parquet")
+    user_ids = features.users.sort("user_idx")["user_id"]  # user_idx 1, 2, ...
+    written = {"rows": 0, "filled": 0}
+
+    def tables():
+        """Each block's lists as the output table. Blocks come in user_idx order, which is
+        user_id order (the vocabulary is sorted), so the part is sorted by user and rank."""
+        for recs in recommend_blocks(decision.models, features, users, features.events, cfg.top_k, similarity,
+                                     cfg.lists):
+            written["rows"] += recs.height
+            written["filled"] += recs.filter("filled")["user_idx"].n_unique()  # blocks share no user
+            yield (
+                recs.with_columns(
+                    user_ids.gather(recs["user_idx"] - 1).alias("user_id"),
+                    pl.lit(run.run_date).alias("run_date"),
+                    pl.lit(decision.model_version).alias("model_version"),
+                    pl.lit(decision.mlflow_run_id).alias("mlflow_run_id"),
+                )
+                .sort("user_id", "rank")
+                .select(RECOMMENDATIONS.names())
+                .cast(dict(RECOMMENDATIONS))
+            )
+
+    write_parquet_blocks(tables(), RECOMMENDATIONS, job.path / f"part-{shard:05d}.parquet")
     log.info("scored shard %d of %d in process %d: %d users, %d rows, %d list(s) filled from the fallback",
-             shard + 1, cfg.shards, os.getpid(), users.size, table.height, filled_users)
-    return ScoredShard(key=job.key, shard=shard, rows=table.height, users_filled=filled_users)
+             shard + 1, cfg.shards, os.getpid(), users.size, written["rows"], written["filled"])
+    return ScoredShard(key=job.key, shard=shard, rows=written["rows"], users_filled=written["filled"])
 
 
 def publish(run: Run, job: ScoringJob, shards: list[ScoredShard], run_id: str) -> PublishedTable:

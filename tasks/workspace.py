@@ -24,6 +24,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TypeVar
 
 import polars as pl
@@ -34,6 +35,7 @@ from schemas.tables import STAGE_RECORD, StageRecord, partition
 log = logging.getLogger(__name__)
 
 Record = TypeVar("Record", bound=StageRecord)
+ROW_GROUP = 131_072  # rows per row group of `write_parquet_blocks`
 PACKAGES = ("flows", "tasks", "schemas")  # the shipped source: every file of these is part of the code version
 
 
@@ -155,6 +157,25 @@ def publish_dir(staged: Path, target: Path) -> Path:
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> Path:
     return _atomic(path, lambda tmp: frame.write_parquet(tmp, compression="zstd", statistics=True))
+
+
+def write_parquet_blocks(frames: Iterable[pl.DataFrame], schema: pl.Schema, path: Path) -> Path:
+    """Write `frames` (each of `schema`), in order, as one parquet file, holding about
+    ROW_GROUP rows at a time (a row group each) instead of the whole table."""
+    import pyarrow.parquet as pq
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, pl.DataFrame(schema=schema).to_arrow().schema, compression="zstd") as writer:
+            pending: list[pl.DataFrame] = []
+            for frame in frames:
+                pending.append(frame)
+                if sum(part.height for part in pending) >= ROW_GROUP:
+                    writer.write_table(pl.concat(pending).to_arrow())
+                    pending = []
+            if pending:
+                writer.write_table(pl.concat(pending).to_arrow())
+
+    return _atomic(path, write)
 
 
 def write_json(payload: object, path: Path) -> Path:

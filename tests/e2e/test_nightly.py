@@ -63,6 +63,7 @@ def test_output_table_follows_the_contract(nightly_run):
     table = pl.read_parquet(partition / "*.parquet")
     interactions = pl.read_parquet(workspace / "snapshots" / f"run_date={RUN_DATE}" / "interactions.parquet")
     assert table.schema == RECOMMENDATIONS
+    assert table.equals(table.sort("user_id", "rank"))  # written block by block, in order
     assert set(table["user_id"]) == set(interactions["user_id"])  # every user known to the run
     per_user = table.group_by("user_id").agg(
         pl.len().alias("n"), pl.col("item_id").n_unique().alias("distinct"), pl.col("rank").sort().alias("ranks"),
@@ -345,18 +346,21 @@ def test_a_fault_in_scoring_fails_the_list_health_gate_and_the_next_normal_night
     workspace, first, config = copy_of_run
     before = _checksums(workspace / "recommendations" / f"run_date={RUN_DATE}")
     night = RUN_DATE + dt.timedelta(days=1)
-    real = tasks.score.recommend
+    real = tasks.score.recommend_blocks
 
     def same_for_everyone(models, features, users, *args, **kwargs):
-        recs = real(models, features, users, *args, **kwargs)
-        first_list = recs.filter(pl.col("user_idx") == recs["user_idx"].min()).drop("user_idx")
-        return pl.DataFrame({"user_idx": users}).cast(recs.schema["user_idx"]).join(first_list, how="cross")
+        first_list = None
+        for recs in real(models, features, users, *args, **kwargs):
+            if first_list is None:
+                first_list = recs.filter(pl.col("user_idx") == recs["user_idx"].min()).drop("user_idx")
+            yield recs.select(pl.col("user_idx").unique(maintain_order=True)).join(first_list, how="cross")
 
     def half_dropped(models, features, users, *args, **kwargs):
-        return real(models, features, users, *args, **kwargs).filter(pl.col("user_idx") % 2 == 0)
+        for recs in real(models, features, users, *args, **kwargs):
+            yield recs.filter(pl.col("user_idx") % 2 == 0)
 
     for fault, figure in ((same_for_everyone, "coverage_change"), (half_dropped, "short_lists")):
-        monkeypatch.setattr(tasks.score, "recommend", fault)
+        monkeypatch.setattr(tasks.score, "recommend_blocks", fault)
         with pytest.raises(ListsUnhealthy) as error:
             nightly(config(run_date=night))
         message = str(error.value)
@@ -365,7 +369,7 @@ def test_a_fault_in_scoring_fails_the_list_health_gate_and_the_next_normal_night
         assert message.endswith(f"nothing published, {RUN_DATE} stays current") and "\n" not in message
         assert not (workspace / "recommendations" / f"run_date={night}").exists()
         assert _checksums(workspace / "recommendations" / f"run_date={RUN_DATE}") == before
-    monkeypatch.setattr(tasks.score, "recommend", real)
+    monkeypatch.setattr(tasks.score, "recommend_blocks", real)
     client = mlflow_client(workspace)
     failed = client.search_runs([client.get_experiment_by_name("recflow-copy").experiment_id],
                                 filter_string="attributes.status = 'FAILED'")

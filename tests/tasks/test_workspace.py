@@ -1,12 +1,16 @@
-"""The stage cache: a key that sees every code change, and records that follow their workspace."""
+"""The stage cache: a key that sees every code change, records that follow their workspace; tables written block by block."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import polars as pl
+import pyarrow.parquet as pq
+
 from schemas.tables import FeatureSet
-from tasks.workspace import reuse, stamp
+from tasks import workspace
+from tasks.workspace import reuse, stamp, write_parquet_blocks
 from tests.conftest import git, source_tree
 
 
@@ -43,3 +47,16 @@ def test_a_reused_record_points_at_the_directory_it_was_found_in(tmp_path):
     assert found.seconds == 0.0  # how long a run took is never stored
     assert reuse(tmp_path / "moved", "another key", FeatureSet) is None
     assert reuse(tmp_path / "elsewhere", "k1", FeatureSet) is None
+
+
+def test_blocks_are_written_in_order_as_one_file_of_bounded_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(workspace, "ROW_GROUP", 10)
+    schema = pl.Schema({"user": pl.Int32, "name": pl.String})
+    blocks = [pl.DataFrame({"user": range(start, start + size), "name": [f"u{start}"] * size}, schema=schema)
+              for start, size in ((0, 4), (4, 7), (11, 0), (11, 12), (23, 3))]
+    path = write_parquet_blocks(iter(blocks), schema, tmp_path / "part.parquet")
+    assert pl.read_parquet(path).equals(pl.concat(blocks))
+    assert [pq.ParquetFile(path).metadata.row_group(i).num_rows for i in range(3)] == [11, 12, 3]
+    empty = write_parquet_blocks(iter([]), schema, tmp_path / "empty.parquet")
+    assert pl.read_parquet(empty).schema == schema and pl.read_parquet(empty).is_empty()
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
