@@ -39,18 +39,9 @@ RECS_SCHEMA = {"user_idx": pl.Int32, "rank": pl.Int32, "item_id": pl.String, "sc
 FILLED_REASON = "popular lately (the business rules left too few of your candidates)"
 
 
-def recommend(
-    models: ModelDir,
-    features: Features,
-    users: np.ndarray,
-    history: pl.DataFrame,
-    k: int,
-    similarity: sp.csr_matrix | None = None,
-    lists: ListConfig = ListConfig(),
-    fit_model: bool = False,
-) -> pl.DataFrame:
-    """`recommend_blocks`, as one frame."""
-    blocks = list(recommend_blocks(models, features, users, history, k, similarity, lists, fit_model))
+def recommend(*args, **kwargs) -> pl.DataFrame:
+    """`recommend_blocks(*args, **kwargs)`, as one frame."""
+    blocks = list(recommend_blocks(*args, **kwargs))
     return pl.concat(blocks) if blocks else pl.DataFrame(schema=RECS_SCHEMA)
 
 
