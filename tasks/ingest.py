@@ -472,8 +472,9 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
     segment_low = np.concatenate([[0.0], cumulative[np.cumsum(sizes)[:-1] - 1]])
     segment_high = cumulative[np.cumsum(sizes) - 1]
 
-    def popular_in(clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        draw = segment_low[clusters] + rng.random(clusters.size) * (segment_high[clusters] - segment_low[clusters])
+    def popular(clusters: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """The item (a position in `order`) that each draw in [0, 1) picks from its cluster, by popularity."""
+        draw = segment_low[clusters] + uniform * (segment_high[clusters] - segment_low[clusters])
         return np.minimum(np.searchsorted(cumulative, draw, side="right"), n_items - 1)
 
     user_cluster = rng.integers(n_clusters, size=n_users)
@@ -491,18 +492,23 @@ def generate_synthetic(cfg: SyntheticConfig, run_date: dt.date, seed: int) -> tu
         back to an item of the walk's earlier steps (else each item counts once)."""
         cluster, second, length = user_cluster[chunk], second_cluster[chunk], lengths[chunk]
         n, steps = length.size, int(length.max())
-        position = np.empty((n, steps), dtype=np.int64)  # index into `order`
-        position[:, 0] = popular_in(cluster, rng)
+        position = np.zeros((n, steps), dtype=np.int64)  # index into `order` (0 past a walk's end)
+        position[:, 0] = popular(cluster, rng.random(n))
+        longest_first, shortest_first = np.argsort(-length, kind="stable"), np.sort(length)
         for t in range(1, steps):
-            previous = position[:, t - 1]
-            move = rng.random(n)
-            cluster_of_previous = np.searchsorted(np.cumsum(sizes), previous, side="right")
-            chain_next = starts[cluster_of_previous] + (previous - starts[cluster_of_previous] + rng.integers(1, 3, n)) % sizes[cluster_of_previous]
-            home = np.where(rng.random(n) < 0.8, cluster, second)
-            position[:, t] = np.where(
-                move < 0.55, chain_next,
-                np.where(move < 0.9, popular_in(home, rng), popular_in(rng.integers(n_clusters, size=n), rng)),
-            )
+            # Each step draws for every user (the walks stay the seed's), but only the walks
+            # still going compute their step: most end long before the longest.
+            rows = longest_first[: n - np.searchsorted(shortest_first, t, side="right")]
+            previous = position[rows, t - 1]
+            move, hop = rng.random(n)[rows], rng.integers(1, 3, n)[rows]
+            home = np.where(rng.random(n)[rows] < 0.8, cluster[rows], second[rows])
+            near, anywhere = rng.random(n)[rows], rng.integers(n_clusters, size=n)[rows]
+            far = rng.random(n)[rows]
+            of_previous = segment[previous]
+            step = starts[of_previous] + (previous - starts[of_previous] + hop) % sizes[of_previous]
+            jump, close = move >= 0.55, move < 0.9  # else the chain's next item
+            step[jump] = popular(np.where(close, home, anywhere)[jump], np.where(close, near, far)[jump])
+            position[rows, t] = step
         for t in range(1, steps if cfg.repeat_share > 0 else 1):
             back = again.random(n) < cfg.repeat_share
             position[back, t] = position[back, again.integers(0, t, n)[back]]
