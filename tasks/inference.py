@@ -341,6 +341,8 @@ def item_similarities(
     counts = np.asarray(matrix.sum(axis=0)).ravel()
 
     def one_block(start: int) -> list[tuple]:
+        """Per setting: the entries kept in each row of the block, and their columns and values
+        (in CSR order: rows ascending, columns ascending within a row)."""
         together = by_item[start : start + block] @ matrix
         together.sort_indices()  # columns ascending within each row, for the ties below
         together = together.tocoo()
@@ -353,16 +355,20 @@ def item_similarities(
             values = shared / np.maximum((counts**asymmetry)[rows] * (counts ** (1 - asymmetry))[columns] + shrink,
                                          1e-12)
             keep = layout.strongest(values)
-            found.append((rows[keep], columns[keep], values[keep]))
+            found.append((np.bincount(rows[keep] - start, minlength=together.shape[0]), columns[keep],
+                          values[keep].astype(np.float32, copy=False)))
         return found
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         blocks = list(pool.map(one_block, range(0, n_items + 1, block)))
-    parts = [[found[at] for found in blocks] for at in range(len(settings))]
     similarities = []
-    for found in parts:
-        rows, columns, values = (np.concatenate(column) for column in zip(*found)) if found else ([], [], [])
-        similarity = sp.csr_matrix((values, (rows, columns)), shape=(n_items + 1, n_items + 1), dtype=np.float32)
+    for at in range(len(settings)):
+        found = [block[at] for block in blocks]  # built as CSR directly: a COO matrix would copy every triple twice
+        similarity = sp.csr_matrix(
+            (np.concatenate([values for _, _, values in found]), np.concatenate([columns for _, columns, _ in found]),
+             np.concatenate([[0], np.cumsum(np.concatenate([per_row for per_row, _, _ in found]))])),
+            shape=(n_items + 1, n_items + 1),
+        )
         similarity.eliminate_zeros()
         similarities.append(similarity)
     return similarities
