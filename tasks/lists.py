@@ -1,9 +1,10 @@
 """Lists: from ranked candidates to each user's published list, and back.
 
-`recommend` (block by block: `recommend_blocks`) is the one path from a model directory (retrieval + ranking SavedModels and
-their vocabularies) to top-K lists: draw candidates from both sources (tasks/candidates.py),
-rank them, choose the list (plain order, or maximal marginal relevance with
-`lists.diversity`), give the last positions to new items (`lists.new_item_slots`), fill
+`recommend_blocks` (all blocks at once: `recommend`) is the one path from a model directory
+(retrieval + ranking SavedModels and their vocabularies) to top-K lists, block by block of
+users: draw candidates from both sources (tasks/candidates.py), rank them, choose the list
+(plain order, or maximal marginal relevance with `lists.diversity`), give the last
+positions to new items (`lists.new_item_slots`), fill
 a list the rules left short from the fallback order, and explain each item by the history
 item most like it. Scoring writes tonight's table with it, evaluation scores the held-out
 split with it and the registered MLflow model answers with it, so all three judge and

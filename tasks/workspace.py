@@ -23,8 +23,8 @@ import logging
 import os
 import shutil
 import uuid
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TypeVar
 
 import polars as pl
