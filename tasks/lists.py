@@ -4,11 +4,10 @@
 (retrieval + ranking SavedModels and their vocabularies) to top-K lists, block by block of
 users: draw candidates from both sources (tasks/candidates.py), rank them, choose the list
 (plain order, or maximal marginal relevance with `lists.diversity`), give the last
-positions to new items (`lists.new_item_slots`), fill
-a list the rules left short from the fallback order, and explain each item by the history
-item most like it. Scoring writes tonight's table with it, evaluation scores the held-out
-split with it and the registered MLflow model answers with it, so all three judge and
-serve the same lists.
+positions to new items (`lists.new_item_slots`), fill a list the rules left short from the
+fallback order, and explain each item by the history item most like it. Scoring writes
+tonight's table with it, evaluation scores the held-out split with it and the registered
+MLflow model answers with it, so all three judge and serve the same lists.
 
 It is also where the business rules hold (docs/lists.md, "Business rules"; evaluated per
 night by the features stage): only servable items are candidates (`servable_items`), a

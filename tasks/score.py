@@ -4,9 +4,9 @@ Eighth and ninth stages of the nightly DAG. `prepare` makes the staging director
 tonight's partition with what every shard shares (the co-occurrence similarity of
 tonight's histories); `score_shard` writes one range of users' part of the output table
 there, block by block of `tasks.lists.recommend_blocks` (shards may run on Dask workers);
-`publish` renames the directory into recommendations/run_date=.../ with its manifest. When the partition
-already holds the lists of the same features, models, champion decision and list
-settings, all three reuse it.
+`publish` renames the directory into recommendations/run_date=.../ with its manifest. When
+the partition already holds the lists of the same features, models, champion decision and
+list settings, all three reuse it.
 """
 
 from __future__ import annotations
