@@ -6,7 +6,7 @@ represents an item by its id, categories and title tokens, and the history encod
 it. Training predicts the next item at every place of each history window in one pass,
 with a softmax over the batch's other targets corrected for how often each item appears
 among them (log-Q), and stops early on recall over the `valid` split; the model served is
-then trained by the same recipe, for as many epochs, on every event. Each export is one
+that model trained on, for as many epochs again, on every event. Each export is one
 SavedModel with two signatures, `query` and `candidates`, that scoring and the champion
 gate load without this module's classes.
 
@@ -45,8 +45,8 @@ GROUPED = 16  # batches whose windows training_batches sorts by length together
 
 
 def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
-    """Train the two-tower model on `fit`, stopping on `valid` recall; then train the model
-    served, by the same recipe for as many epochs, on every event. Both go to a staging
+    """Train the two-tower model on `fit`, stopping on `valid` recall; then train it on, for
+    as many epochs again, on every event: the model served. Both go to a staging
     models directory with the vocabularies they were trained with (and the privacy
     settings of their data). With `retrieval.warm_start`, training starts from the
     champion's weights.
@@ -89,8 +89,9 @@ def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
 def _train_and_export(run: Run, features_path: Path, warm: ModelDir | None, staging: ModelDir) -> tuple[int, dict]:
     """(epochs kept, per-epoch logs of the `fit` model): the stage's training, in this
     process or in each worker of a multi-worker job. Trains the `fit` model until
-    validation recall stops improving, then the served model for as many epochs on every
-    event, and exports both to `staging` with the vocabularies. In a multi-worker job
+    validation recall stops improving and exports it, then trains it on every event for as
+    many epochs again and exports that as the served model, to `staging` with the
+    vocabularies. In a multi-worker job
     every worker trains and exports (saving takes them all), but only the chief's
     exports go to `staging`."""
     cfg, length = run.config.retrieval, run.config.features.history_length
@@ -101,12 +102,13 @@ def _train_and_export(run: Run, features_path: Path, warm: ModelDir | None, stag
     loaded = load_features(features_path)
     searched_by_graph = approximate(cfg.index, loaded.n_items)
     fit = loaded.events.filter(pl.col("split") == "fit")
-    model, history, epochs = _train(run, loaded, fit, strategy, warm, cfg.max_epochs,
-                                    _validation_recall(loaded, length, searched_by_graph))
+    model, history, epochs = _train(run, loaded, fit, strategy, warm, _validation_recall(loaded, length,
+                                                                                         searched_by_graph))
     export(model, out.fit_retrieval_path, searched_by_graph)
-    served, _, _ = _train(run, loaded, loaded.events, strategy, warm, epochs)
-    export(served, out.retrieval_path, searched_by_graph)
-    log.info("retrieval: served model trained on all %d events for %d epochs", loaded.events.height, epochs)
+    _train_on(run, model, loaded, epochs)
+    export(model, out.retrieval_path, searched_by_graph)
+    log.info("retrieval: served model: the fit model trained on for %d epochs on all %d events", epochs,
+             loaded.events.height)
     if chief:
         save_vocabulary(loaded, staging)
     else:
@@ -188,11 +190,10 @@ def _worker(config: dict) -> None:
         config["outcome"].write_text(json.dumps(outcome))
 
 
-def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: ModelDir | None, epochs: int,
-           validation=None):
+def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: ModelDir | None, validation):
     """(model, per-epoch logs, epochs kept): a two-tower model trained on the windows of
-    `events` for `epochs` epochs, or, given a `validation` function of the model, until it
-    stops improving (the best epoch's weights kept)."""
+    `events` until `validation` (a function of the model) stops improving, at most
+    `retrieval.max_epochs` epochs; the best epoch's weights kept."""
     from tasks import towers
     from tasks.tfenv import seed_everything
 
@@ -201,18 +202,33 @@ def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: M
     dataset, steps = training_batches(training_examples(events, length), cfg.batch_size, run.config.seed,
                                       cfg.max_examples_per_epoch)
     with strategy.scope():
-        model = towers.TwoTower(features, length, cfg,
-                                np.bincount(events["item_idx"].to_numpy(), minlength=features.n_items + 1))
+        model = towers.TwoTower(features, length, cfg, _item_counts(events, features))
         if warm is not None:
             warm_start(model, warm, features)
         model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
-    if validation is None:
-        return model, model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0).history, epochs
     patience = max(cfg.patience, math.ceil(cfg.patience_examples / (steps * cfg.batch_size)))
     stopper = towers.EarlyStopping("val_recall", patience, cfg.min_improvement)
-    history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0,
+    history = model.fit(dataset, epochs=cfg.max_epochs, steps_per_epoch=steps, verbose=0,
                         callbacks=[towers.EpochMetric("val_recall", validation), stopper])
     return model, history.history, stopper.best_epoch + 1
+
+
+def _train_on(run: Run, model, features: Features, epochs: int) -> None:
+    """Train `model` (the `fit` model, its optimiser state kept) on the windows of every
+    event for `epochs` epochs, its log-Q correction counting their items.
+
+    Going on from the `fit` model, rather than training a fresh model on every event for as
+    many epochs, gave better lists on ml-latest-small and as good on amazon-sports
+    (docs/quality.md, "The served model")."""
+    cfg = run.config.retrieval
+    dataset, steps = training_batches(training_examples(features.events, run.config.features.history_length),
+                                      cfg.batch_size, run.config.seed, cfg.max_examples_per_epoch)
+    model.count_items(_item_counts(features.events, features))
+    model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0)
+
+
+def _item_counts(events: pl.DataFrame, features: Features) -> np.ndarray:
+    return np.bincount(events["item_idx"].to_numpy(), minlength=features.n_items + 1)
 
 
 def _warm_start_source(run: Run) -> ModelDir | None:

@@ -221,8 +221,13 @@ class TwoTower(tfrs.models.Model):
                                       cfg.user_embedding, cfg.dropout)
         self.candidate_model = CandidateTower(items)
         self.temperature = cfg.temperature
-        share = features.item_popularity if item_share is None else item_share
-        self.item_share = tf.constant((share / max(share.sum(), 1)).astype(np.float32))
+        self.count_items(features.item_popularity if item_share is None else item_share)
+
+    def count_items(self, counts: np.ndarray) -> None:
+        """Set the log-Q correction's item shares to `counts` (events per item) over their
+        sum: the items of the events training goes on with."""
+        self.item_share = tf.constant((counts / max(counts.sum(), 1)).astype(np.float32))
+        self.train_function = None  # traced with the shares it read: the next fit traces afresh
 
     def compute_loss(self, inputs, training=False):
         places = inputs["history"] > 0  # a place with a history item has a target

@@ -146,6 +146,25 @@ def test_the_retrieval_loss_takes_the_batchs_other_targets_as_negatives_but_not_
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+
+def test_training_goes_on_with_the_log_q_correction_of_the_items_it_is_given():
+    """The served model is the `fit` model trained on: its loss must count the items of every
+    event, not those of `fit` it was traced with."""
+    keras.utils.set_random_seed(0)
+    inputs = {"user_idx": np.array([1, 2], np.int32), "history": np.array([[2, 4], [6, 3]], np.int32),
+              "targets": np.array([[5, 2], [1, 6]], np.int32)}
+    model = TwoTower(_features(), 2, RetrievalConfig(embedding_dim=8, dropout=0, l2=0), item_share=np.ones(10))
+    model.compile(optimizer=RowSparseAdam(0.0))  # the weights stay: each fit reports the loss of the same model
+    batches = tf.data.Dataset.from_tensors(inputs).repeat()
+    before = model.fit(batches, epochs=1, steps_per_epoch=1, verbose=0).history["loss"][0]
+    counts = np.arange(10, dtype=np.float64)
+    model.count_items(counts)
+    after = model.fit(batches, epochs=1, steps_per_epoch=1, verbose=0).history["loss"][0]
+    assert after == pytest.approx(float(model.compute_loss(inputs)), rel=1e-5)
+    assert after != pytest.approx(before, rel=1e-3)
+    np.testing.assert_allclose(model.item_share.numpy(), counts / counts.sum(), rtol=1e-6)
+
+
 # Run in a fresh process: logical devices can only be set before TensorFlow runs an op.
 REPLICAS_SCRIPT = """
 import numpy as np
