@@ -91,9 +91,8 @@ def _train_and_export(run: Run, features_path: Path, warm: ModelDir | None, stag
     process or in each worker of a multi-worker job. Trains the `fit` model until
     validation recall stops improving and exports it, then trains it on every event for as
     many epochs again and exports that as the served model, to `staging` with the
-    vocabularies. In a multi-worker job
-    every worker trains and exports (saving takes them all), but only the chief's
-    exports go to `staging`."""
+    vocabularies. In a multi-worker job every worker trains and exports (saving takes them
+    all), but only the chief's exports go to `staging`."""
     cfg, length = run.config.retrieval, run.config.features.history_length
     strategy = distribution(cfg)  # first: logical devices can only be set before TensorFlow runs an op
     resolver = getattr(strategy, "cluster_resolver", None)
