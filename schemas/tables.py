@@ -244,6 +244,12 @@ class ModelDir(BaseModel):
         return self.path / "settings.json"
 
     @property
+    def fit_similarity(self) -> Path:
+        """The co-visitation similarity of the `fit` events that the selection chose, handed
+        from the select stage to ranker training in a staging directory (never published)."""
+        return self.path / "_fit_similarity.npz"
+
+    @property
     def evaluation(self) -> Path:
         """Cached held-out metrics of these models, one file per feature set and list config."""
         return self.path / "evaluation"

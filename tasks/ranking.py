@@ -23,12 +23,13 @@ import time
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 from schemas.config import RankingConfig, Run
 from schemas.tables import CandidateSources, FeatureSet, ModelDir, ModelSet, Selection, TrainedModel
 from tasks.candidates import FEATURES, generate
 from tasks.features import Features, load_features, user_histories
-from tasks.inference import RetrievalBundle, item_similarity, rows_of
+from tasks.inference import RetrievalBundle, rows_of
 from tasks.stage import stage
 from tasks.workspace import publish_dir, reuse, stamp
 
@@ -48,6 +49,7 @@ def train_ranking(run: Run, features: FeatureSet, retrieval: TrainedModel, selec
         return found
     staging = ModelDir(path=retrieval.path.parent)
     ranking = _train(load_features(features.path), staging, run.config.ranking, selection.sources, run.config.seed)
+    staging.fit_similarity.unlink()
     models = ModelSet(
         path=target.path, key=retrieval.key,
         retrieval=retrieval.model_copy(update={"path": target.retrieval_path}),
@@ -74,8 +76,7 @@ def _train(
     bundle = RetrievalBundle.load(models, fit_model=True)
     recent = user_histories(fit, features.n_users, bundle.history_length)[users]
     activity = np.bincount(fit["user_idx"].to_numpy(), minlength=features.n_users + 1)[users]
-    similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), features.n_items,
-                                 shrink=sources.shrink, asymmetry=sources.asymmetry)
+    similarity = sp.load_npz(models.fit_similarity)  # the selection's, computed with `sources`
     found = generate(bundle.queries(users, recent), bundle.item_embeddings, recent, similarity, rows_of(users, fit),
                      features.item_popularity, activity, sources, graph=bundle.graph)
     picked = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"),

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 RECALL_AT = 50  # cut-off of the validation recall that early stopping watches
 GROUPED = 16  # batches whose windows training_batches sorts by length together
+VALIDATION_GRAPH_PARTS = 2  # validation's graphs of the epoch's items, built side by side (item_graph)
 
 
 def train_retrieval(run: Run, features: FeatureSet) -> TrainedModel:
@@ -406,8 +407,9 @@ def export(model, path: Path, with_graph: bool = False) -> None:
 
 def _validation_recall(features: Features, length: int, with_graph: bool):
     """A function of the model: recall@RECALL_AT of `valid` items, querying with `fit`
-    history; `with_graph`, through an HNSW graph of the epoch's item embeddings, as the
-    exported model will be searched."""
+    history; `with_graph`, approximately as the exported model will be searched, through
+    HNSW graphs of the epoch's item embeddings (VALIDATION_GRAPH_PARTS of them, built side
+    by side: they serve one search)."""
     fit = features.events.filter(pl.col("split") == "fit")
     valid = features.events.filter(pl.col("split") == "valid")
     users = features.sampled(np.unique(valid["user_idx"].to_numpy()))
@@ -422,7 +424,8 @@ def _validation_recall(features: Features, length: int, with_graph: bool):
         items = model.candidate_model(all_items).numpy()
         queries = query_blocks(lambda ids, recent: model.query_model({"user_idx": ids, "history": recent}).numpy(),
                                users, history, items.shape[1])
-        top, _ = retrieve(queries, items, exclude, RECALL_AT, graph=item_graph(items) if with_graph else None)
+        graph = item_graph(items, VALIDATION_GRAPH_PARTS) if with_graph else None
+        top, _ = retrieve(queries, items, exclude, RECALL_AT, graph=graph)
         return ranking_metrics(as_table(users, top), truth, RECALL_AT, features.n_items)["recall"]
 
     return recall

@@ -12,7 +12,8 @@ co-visitation's own top 10, and keeps the best (a tie keeps the earlier pair). P
 tried in order while `candidates.selection_seconds` lasts; their similarities are built
 in one pass over the co-occurrence counts (several passes where a catalogue is too large
 for all of them in `SIMILARITY_BYTES`). The choice is stored with the
-models (settings.json), so the ranker trains and scoring runs on it; the trials go to
+models (settings.json), so the ranker trains and scoring runs on it, and so is its
+similarity, which ranker training then reads rather than computes again; the trials go to
 MLflow (`selection.csv`, `selection_*` metrics) and to the Prefect UI.
 """
 
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 from schemas.config import Run
 from schemas.tables import CandidateSources, FeatureSet, ModelDir, Selection, TrainedModel, Trial
@@ -53,6 +55,7 @@ def select(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Selection
     truth = valid.filter(pl.col("user_idx").is_in(users.tolist())).select(
         pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item")
     )
+    staging = ModelDir(path=retrieval.path.parent)
     pairs = [(shrink, asymmetry) for shrink in cfg.similarity_shrink for asymmetry in cfg.similarity_asymmetry]
     at_once = max(1, SIMILARITY_BYTES // (12 * NEIGHBOURS * (loaded.n_items + 1)))
     started, trials = time.perf_counter(), []
@@ -69,17 +72,20 @@ def select(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Selection
                 shared = (time.perf_counter() - tried) / len(batch)
                 tried = time.perf_counter()
             top = covisited(similarities[at], recent, exclude, cfg.half_life, max(CUTOFF, cfg.covisitation))
-            trials.append(Trial(
+            trial = Trial(
                 shrink=shrink, asymmetry=asymmetry,
                 ndcg=ranking_metrics(as_table(users, top[:, :CUTOFF]), truth, CUTOFF, loaded.n_items)["ndcg"],
                 recall=ranking_metrics(as_table(users, top), truth, top.shape[1], loaded.n_items)["recall"],
                 seconds=round(shared + time.perf_counter() - tried, 2),
-            ))
+            )
+            if all(trial.ndcg > other.ndcg for other in trials if other.ndcg is not None):  # the best so far
+                sp.save_npz(staging.fit_similarity, similarities[at], compressed=False)
+            trials.append(trial)
     best = max((trial for trial in trials if trial.ndcg is not None), key=lambda trial: trial.ndcg)
     sources = CandidateSources(two_tower=cfg.two_tower, covisitation=cfg.covisitation, half_life=cfg.half_life,
                                shrink=best.shrink, asymmetry=best.asymmetry)
     selection = Selection(key=retrieval.key, sources=sources, trials=trials, users=int(users.size))
-    save_settings(ModelDir(path=retrieval.path.parent), selection)
+    save_settings(staging, selection)
     log.info("selection: shrink %g, asymmetry %g (NDCG@%d %.4f on %d validation users; %d of %d pairs scored)",
              best.shrink, best.asymmetry, CUTOFF, best.ndcg, users.size, sum(t.ndcg is not None for t in trials),
              len(trials))

@@ -215,6 +215,25 @@ def test_a_graph_search_gives_the_same_lists_rebuilt_and_in_shards(catalogue):
         np.testing.assert_array_equal(shard, whole[start : start + 180])
 
 
+def test_a_graph_in_parts_finds_the_exact_top_items_but_a_few_and_the_same_rebuilt(catalogue):
+    queries, items, exclude, allowed = catalogue
+    exact, _ = retrieve(queries, items, exclude, 50)
+
+    top, scores = retrieve(queries, items, exclude, 50, graph=item_graph(items, parts=2))
+
+    found = np.mean([np.intersect1d(a, b).size / 50 for a, b in zip(top, exact)])
+    assert 0.98 <= found <= 1
+    assert top[:, :25].max() > 2000 and top[:, :25].min() <= 2000  # items of both parts, numbered as the catalogue
+    np.testing.assert_allclose(scores, np.einsum("ud,und->un", queries, items[top]), rtol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    excluded = set(zip(*(part.tolist() for part in exclude)))
+    assert all((row, item) not in excluded for row in range(300) for item in top[row].tolist())
+    again, _ = retrieve(queries, items, exclude, 50, graph=item_graph(items, parts=2))
+    np.testing.assert_array_equal(again, top)
+    with pytest.raises(ValueError, match="allowed"):
+        retrieve(queries, items, exclude, 50, allowed=allowed, graph=item_graph(items, parts=2))
+
+
 def test_where_a_graph_search_comes_back_short_the_user_is_searched_exactly(catalogue):
     queries, items, exclude, _ = catalogue
     allowed = np.zeros(items.shape[0], bool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
 from schemas.tables import ModelDir, TrainedModel
 from tasks.candidates import covisited
@@ -29,7 +30,7 @@ def trained(tmp_path) -> TrainedModel:
     return TrainedModel(key="k", path=tmp_path / "staging" / "retrieval", epochs=1, metrics={})
 
 
-def test_the_pair_with_the_best_validation_ndcg_is_chosen_and_stored_with_the_models(features, tmp_path):
+def test_the_pair_with_the_best_validation_ndcg_is_chosen_and_stored_with_the_models_with_its_similarity(features, tmp_path):
     run, feature_set = features
     run = run.model_copy(update={"config": run.config.model_copy(update={"candidates": run.config.candidates.model_copy(
         update={"similarity_shrink": [0.0, 100.0], "similarity_asymmetry": [0.5, 0.9]})})})
@@ -50,6 +51,8 @@ def test_the_pair_with_the_best_validation_ndcg_is_chosen_and_stored_with_the_mo
     assert selection.users == users.size > 0
     similarity = item_similarity(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(), loaded.n_items,
                                  shrink=best.shrink, asymmetry=best.asymmetry)
+    stored = sp.load_npz(ModelDir(path=retrieval.path.parent).fit_similarity)  # for ranker training
+    assert stored.shape == similarity.shape and (stored != similarity).nnz == 0
     top = covisited(similarity, user_histories(fit, loaded.n_users, 20)[users], rows_of(users, fit), 5.0, 10)
     truth = valid.select(pl.col("user_idx").alias("user"), pl.col("item_idx").alias("item"))
     assert ranking_metrics(as_table(users, top), truth, 10, loaded.n_items)["ndcg"] == pytest.approx(best.ndcg)
