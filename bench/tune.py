@@ -41,6 +41,7 @@ from tasks.ingest import ingest  # noqa: E402
 from tasks.metrics import ranking_metrics  # noqa: E402
 from tasks.ranking import train_ranking  # noqa: E402
 from tasks.retrieval import train_retrieval  # noqa: E402
+from tasks.select import select  # noqa: E402
 
 GRID = {
     "retrieval.history_encoder": ["attention", "transformer"],
@@ -69,7 +70,8 @@ def trial(source: Path, overrides: dict) -> dict:
         run = Run.of(cfg)
         started = time.perf_counter()
         feature_set = build_features(run, ingest(run))
-        models = train_ranking(run, feature_set, train_retrieval(run, feature_set))
+        retrieval = train_retrieval(run, feature_set)
+        models = train_ranking(run, feature_set, retrieval, select(run, feature_set, retrieval))
         seconds = time.perf_counter() - started
         features = load_features(feature_set.path)
         visible = features.events.filter(pl.col("split") != "test")
