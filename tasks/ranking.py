@@ -64,7 +64,8 @@ def _train(
     features: Features, models: ModelDir, cfg: RankingConfig, sources: CandidateSources, seed: int
 ) -> TrainedModel:
     """Train the ranker on the candidates of the users with `valid` events (two-tower model
-    in `models`, co-visitation of the `fit` events); export it there."""
+    in `models`, co-visitation of the `fit` events through the similarity the selection
+    stored there); export it there."""
     from tasks import towers
     from tasks.tfenv import keras, seed_everything, tf
 
