@@ -177,7 +177,7 @@ class RetrievalConfig(_Section):
         description="how the two-tower's nearest items are found, in validation, evaluation, scoring and the served "
         "model alike: `exact` scores every item (the reference); `ann` searches a faiss HNSW graph of the item "
         "embeddings, saved with the model (faster on large catalogues; it missed 0.3-1.8% of the exact top 100 in "
-        "the benches, 9.1% on the 30M synthetic night's served model); `auto` is `ann` from 50,000 items on. A model keeps the search it was trained with",
+        "the benches, 9.1% on the 30M synthetic night's served model: docs/performance.md); `auto` is `ann` from 50,000 items on. A model keeps the search it was trained with",
     )
 
 
