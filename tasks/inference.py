@@ -168,26 +168,16 @@ def item_graph(item_embeddings: np.ndarray, parts: int = 1):
     import faiss
 
     def build(rows: np.ndarray):
+        faiss.omp_set_num_threads(1)  # for this (pool) thread
         graph = faiss.IndexHNSWFlat(rows.shape[1], GRAPH_LINKS, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = GRAPH_BUILD_DEPTH
         graph.add(np.ascontiguousarray(rows, np.float32))
         return graph
 
-    def on_one_thread(rows: np.ndarray):
-        faiss.omp_set_num_threads(1)  # for this thread
-        return build(rows)
-
-    if parts == 1:
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            return build(item_embeddings[1:])
-        finally:
-            faiss.omp_set_num_threads(threads)
     starts = [int(cut[0]) for cut in np.array_split(np.arange(item_embeddings.shape[0] - 1), parts)]
     with ThreadPoolExecutor(max_workers=parts) as pool:
-        graphs = list(pool.map(on_one_thread, np.split(item_embeddings[1:], starts[1:])))
-    return _Parts(graphs, starts)
+        graphs = list(pool.map(build, np.split(item_embeddings[1:], starts[1:])))
+    return graphs[0] if parts == 1 else _Parts(graphs, starts)
 
 
 class _Parts:
