@@ -429,12 +429,3 @@ class _Rows:
         ties_before = np.cumsum(tie) - tie
         keep[self.long] = above | (tie & (ties_before - ties_before[self.first[:-1]][self.row] < room))
         return keep
-        long = values[self.long]
-        negated = np.ones(self.shape, np.float32)  # padding sorts after every -value
-        negated.ravel()[self.cell] = -long
-        threshold = -np.partition(negated, self.width - 1, axis=1)[:, self.width - 1][self.row]
-        above, tie = long > threshold, long == threshold
-        room = self.width - np.bincount(self.row[above], minlength=self.shape[0])[self.row]
-        ties_before = np.cumsum(tie) - tie
-        keep[self.long] = above | (tie & (ties_before - ties_before[self.first][self.row] < room))
-        return keep
