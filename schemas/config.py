@@ -207,8 +207,8 @@ class CandidateConfig(_Section):
         "cosine; towards 1 a history item's popularity is discounted more and a candidate's less",
     )
     selection_seconds: float = Field(
-        120.0, gt=0, description="time budget of the selection: the first pair is always scored, the others "
-        "while the budget lasts",
+        120.0, gt=0, description="time budget of the selection: the first pair is always scored, another only "
+        "when it would end within the budget, taking as long as the last one did",
     )
 
     @field_validator("similarity_shrink", "similarity_asymmetry")

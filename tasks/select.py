@@ -9,7 +9,9 @@ fitted to one of them, this stage scores every pair of `candidates.similarity_sh
 `candidates.similarity_asymmetry` on the pipeline's own validation split (similarity and
 histories from `fit`, truth the `valid` items of the sampled users) by NDCG@10 of
 co-visitation's own top 10, and keeps the best (a tie keeps the earlier pair). Pairs are
-tried in order while `candidates.selection_seconds` lasts; their similarities are built
+tried in order while `candidates.selection_seconds` lasts: the first always, another only
+when it should end within the budget, taking as long as the last (a budget is where the
+selection ends, not the last moment a pair may start). Their similarities are built
 in one pass over the co-occurrence counts (several passes where a catalogue is too large
 for all of them in `SIMILARITY_BYTES`). The choice is stored with the
 models (settings.json), so the ranker trains and scoring runs on it, and so is its
@@ -59,18 +61,20 @@ def select(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Selection
     pairs = [(shrink, asymmetry) for shrink in cfg.similarity_shrink for asymmetry in cfg.similarity_asymmetry]
     at_once = max(1, SIMILARITY_BYTES // (12 * NEIGHBOURS * (loaded.n_items + 1)))
     started, trials = time.perf_counter(), []
+    built = scored = 0.0  # seconds the last similarity build and the last pair's scoring took
     for first in range(0, len(pairs), at_once):
         batch, similarities, shared = pairs[first : first + at_once], None, 0.0
         for at, (shrink, asymmetry) in enumerate(batch):
-            if trials and (users.size == 0 or time.perf_counter() - started > cfg.selection_seconds):
+            expected = scored + (built if similarities is None else 0.0)
+            if trials and (users.size == 0 or time.perf_counter() - started + expected > cfg.selection_seconds):
                 trials.append(Trial(shrink=shrink, asymmetry=asymmetry))  # not scored
                 continue
             tried = time.perf_counter()
             if similarities is None:  # the batch's co-occurrence counts are computed once, for all its pairs
                 similarities = item_similarities(fit["user_idx"].to_numpy(), fit["item_idx"].to_numpy(),
                                                  loaded.n_items, batch)
-                shared = (time.perf_counter() - tried) / len(batch)
-                tried = time.perf_counter()
+                built = time.perf_counter() - tried
+                shared, tried = built / len(batch), time.perf_counter()
             top = covisited(similarities[at], recent, exclude, cfg.half_life, max(CUTOFF, cfg.covisitation))
             trial = Trial(
                 shrink=shrink, asymmetry=asymmetry,
@@ -81,6 +85,7 @@ def select(run: Run, features: FeatureSet, retrieval: TrainedModel) -> Selection
             if all(trial.ndcg > other.ndcg for other in trials if other.ndcg is not None):  # the best so far
                 sp.save_npz(staging.fit_similarity, similarities[at], compressed=False)
             trials.append(trial)
+            scored = time.perf_counter() - tried
     best = max((trial for trial in trials if trial.ndcg is not None), key=lambda trial: trial.ndcg)
     sources = CandidateSources(two_tower=cfg.two_tower, covisitation=cfg.covisitation, half_life=cfg.half_life,
                                shrink=best.shrink, asymmetry=best.asymmetry)

@@ -26,6 +26,11 @@ def _native_stderr_silenced():
 
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# TensorFlow's own pooling allocator on CPU (BFC, as on GPUs) instead of malloc: a tensor
+# larger than malloc's 32 MB mmap threshold (the l2 gradient of a 150,000-item id table is 77
+# MB) was mapped and zeroed anew every step. At 150,000 items a retrieval training step took
+# 65 ms instead of 171 (docs/performance.md, "Where the time and memory go").
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 # 3: native errors too (a CPU-only machine logs a failed cuInit as an error); Python-side
 # warnings that matter still show through the `tensorflow` logger at ERROR.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
