@@ -352,12 +352,29 @@ def serve_deployments(config: PipelineConfig, name: str, cron: str, timezone: st
     )
 
 
+# Runs uvicorn (argv after the parent's pid) as `python -m uvicorn` would, and stops it
+# (SIGTERM, as `stop` does) once the process that started it is gone: a command killed
+# with SIGKILL, or by the kernel for memory, runs no exit handler.
+_UVICORN_WHILE_PARENT_LIVES = """
+import os, runpy, signal, sys, threading, time
+parent = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv[0] = "uvicorn"
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
 class TemporaryPrefect:
     """Prefect's temporary server for one command in ephemeral mode (no PREFECT_API_URL),
     started as Prefect starts it (its API app under uvicorn, on a free loopback port, UI
     off, this process's Prefect settings) but without importing Prefect's server code here
     (~3.5 s on 2 cores): it boots in its own process while this one imports the pipeline.
-    PREFECT_API_URL then points this process and its children at it; it stops at exit."""
+    PREFECT_API_URL then points this process and its children at it; it stops at exit, and
+    on its own within a second or two when this process dies without exiting (SIGKILL)."""
 
     def __init__(self) -> None:
         import prefect
@@ -371,7 +388,8 @@ class TemporaryPrefect:
         env = os.environ | get_current_settings().to_environment_variables(exclude_unset=True) | {
             "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.process: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            [sys.executable, "-c", _UVICORN_WHILE_PARENT_LIVES, str(os.getpid()), "--app-dir",
+             str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -64,17 +65,34 @@ def workspace(tmp_path_factory):
 
 
 def start_and_kill(workspace: Path, config: Path, marker: str, delay: float) -> None:
-    """Start a run, SIGKILL it `delay` seconds after `marker` shows in its log."""
+    """Start a run, SIGKILL it `delay` seconds after `marker` shows in its log; the
+    processes it started (its temporary Prefect server) must not outlive it."""
+    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}  # its own server
     process = subprocess.Popen(command(workspace, config), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 600
     for line in process.stderr:
         if marker in line:
             break
         assert time.monotonic() < deadline and process.poll() is None, f"{marker!r} never logged"
     time.sleep(delay)
+    children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    assert children  # the temporary server at least
     process.kill()
     process.wait()
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes {left} outlived the killed run"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (an exited one not yet reaped is a zombie, "Z")."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize(
