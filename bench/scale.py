@@ -94,7 +94,15 @@ def training_steps(sizes: list[str], steps: int = 40, rounds: int = 5) -> dict:
     from tasks.retrieval import training_batches, training_examples
     from tasks.tfenv import keras, seed_everything
 
-    optimisers = {"row-sparse Adam": towers.RowSparseAdam, "Keras Adam": keras.optimizers.Adam}
+    def keras_adam(model, learning_rate):  # Keras' own Adam, with the id tables' penalty as Keras regularisers
+        for table, l2 in model.penalties():
+            table.embeddings_regularizer = keras.regularizers.l2(l2)
+        return keras.optimizers.Adam(learning_rate)
+
+    def row_sparse_adam(model, learning_rate):
+        return towers.RowSparseAdam(learning_rate, model.penalties())
+
+    optimisers = {"row-sparse Adam": row_sparse_adam, "Keras Adam": keras_adam}
     rows = []
     for name in sizes:
         with tempfile.TemporaryDirectory() as scratch:
@@ -110,7 +118,7 @@ def training_steps(sizes: list[str], steps: int = 40, rounds: int = 5) -> dict:
                     seed_everything(config.seed)
                     dataset, _ = training_batches(examples, cfg.batch_size, config.seed, 10**12)
                     model = towers.TwoTower(features, config.features.history_length, cfg)
-                    model.compile(optimizer=make(cfg.learning_rate))
+                    model.compile(optimizer=make(model, cfg.learning_rate))
                     model.fit(dataset, epochs=1, steps_per_epoch=10, verbose=0)
                     models[optimiser, user_embedding] = model, dataset
             timings = {key: [] for key in models}

@@ -43,7 +43,7 @@ def training(features, cfg: RetrievalConfig, length: int, epochs: int = 3) -> di
     dataset, steps = training_batches(training_examples(features.events.filter(pl.col("split") == "fit"), length),
                                       cfg.batch_size, 42, 10**12)
     model = towers.TwoTower(features, length, cfg)
-    model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
+    model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate, model.penalties()))
     timer = _Timer()
     model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=[timer], verbose=0)
     step_seconds = sum(t for epoch in timer.batches[1:] for t in epoch)

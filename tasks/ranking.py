@@ -96,7 +96,7 @@ def _train(
 
     def ranker():
         model = towers.Ranker(features, cfg, popularity_feature=FEATURES.index("log_item_popularity"))
-        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
+        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate, model.penalties()))
         model.adapt(found.numeric[found.real] if found.real.any() else found.numeric.reshape(-1, len(FEATURES)))
         return model
 

