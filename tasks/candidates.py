@@ -29,7 +29,7 @@ from schemas.tables import CandidateSources
 from tasks.inference import retrieve
 
 BLOCK_USERS = 512  # users whose co-visitation scores are drawn at once (a row: at most history x NEIGHBOURS items)
-DENSE_FROM = 0.1  # share of a block's users x catalogue stored from which its scores are laid out dense
+ITEM_BITS = 0xFFFFFFFF  # the low half of _strongest's keys: an item's complement
 FEATURES = (
     "two_tower_score",  # first: the ranker's output starts as this score (tasks/towers.py:Ranker)
     "log_source_rank",  # log(1 + position in the list of the source that proposed it)
@@ -109,21 +109,24 @@ def covisited(similarity: sp.csr_matrix, recent: np.ndarray, exclude: tuple[np.n
               n: int) -> np.ndarray:
     """Each user's `n` items with the highest co-visitation score (never one in `exclude`),
     best first; 0 where fewer items co-occur with the history at all."""
-    parts = [
-        _Laid(covisitation(similarity, recent[start : start + BLOCK_USERS], half_life))
-        .strongest(_rows_between(exclude, start, start + BLOCK_USERS), n, None)
-        for start in range(0, recent.shape[0], BLOCK_USERS)
-    ]
+    parts = []
+    for start in range(0, recent.shape[0], BLOCK_USERS):
+        scores = covisitation(similarity, recent[start : start + BLOCK_USERS], half_life)
+        places = _places(scores, *_rows_between(exclude, start, start + BLOCK_USERS))
+        parts.append(_strongest(scores, places[places >= 0], n, None)[0])
     return np.concatenate(parts) if parts else np.zeros((0, n), np.int64)
 
 
 def _block(queries, item_embeddings, tower_items, tower_scores, recent, similarity, exclude, item_popularity, activity,
            sources: CandidateSources, allowed: np.ndarray | None) -> tuple[np.ndarray, ...]:
     users = np.arange(queries.shape[0])
-    scores = _Laid(covisitation(similarity, recent, sources.half_life))
-    taken = (np.concatenate([exclude[0], np.repeat(users, tower_items.shape[1])]),
-             np.concatenate([exclude[1], tower_items.ravel()]))
-    covisit_items = scores.strongest(taken, sources.covisitation, allowed)
+    scores = covisitation(similarity, recent, sources.half_life)
+    # one look-up of the pairs co-visitation may not propose: the user's excluded items and
+    # the two-tower's candidates, whose co-visitation scores are a ranker feature
+    places = _places(scores, np.concatenate([exclude[0], np.repeat(users, tower_items.shape[1])]),
+                     np.concatenate([exclude[1], tower_items.ravel()]))
+    covisit_items, covisit_scores = _strongest(scores, places[places >= 0], sources.covisitation, allowed)
+    tower_places = places[exclude[0].size :].reshape(tower_items.shape)
     items = np.concatenate([tower_items, covisit_items], axis=1)
     real = np.concatenate([np.isfinite(tower_scores), covisit_items > 0], axis=1)
     two_tower = np.einsum("ud,und->un", queries, item_embeddings[items]).astype(np.float32)
@@ -134,8 +137,8 @@ def _block(queries, item_embeddings, tower_items, tower_scores, recent, similari
             np.broadcast_to(np.log1p(position), items.shape),
             np.log1p(item_popularity[items]),
             np.broadcast_to(np.log1p(activity)[:, None], items.shape),
-            scores.at(items),
-            _Laid(similarity[recent[:, 0]]).at(items),
+            np.concatenate([_stored(scores, tower_places), covisit_scores], axis=1),
+            _at(similarity[recent[:, 0]], items),
             np.broadcast_to(np.arange(items.shape[1]) >= tower_items.shape[1], items.shape),
         ],
         axis=-1,
@@ -143,66 +146,60 @@ def _block(queries, item_embeddings, tower_items, tower_scores, recent, similari
     return items, two_tower, numeric, real
 
 
-class _Laid:
-    """One score row per user (a block's sparse co-visitation scores), laid out to pick from:
-    as dense rows when at least DENSE_FROM of the block's users x catalogue is stored, else
-    each row's stored entries side by side, columns ascending, as wide as the block's longest
-    row (padding scores 0, column 0). Either way the work follows the smaller of the stored
-    entries and the catalogue."""
+def _strongest(scores: sp.csr_matrix, blocked: np.ndarray, n: int,
+               allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(items, scores): each row's `n` stored items of highest positive score, best first
+    (ties: the lower item), never item 0, the entry at a place of `blocked` (in
+    `scores.data`) or an item outside `allowed`; item 0 and score 0 past the last.
 
-    def __init__(self, scores: sp.csr_matrix):
-        self.width = scores.shape[1]
-        if scores.nnz >= DENSE_FROM * scores.shape[0] * scores.shape[1]:
-            self.grid = scores.toarray()
-            self.columns, self.keys = np.broadcast_to(np.arange(self.width), self.grid.shape), None
-            return
-        scores.sort_indices()
-        lengths = np.diff(scores.indptr)
-        rows = np.repeat(np.arange(scores.shape[0]), lengths)
-        self.place = np.arange(scores.nnz) - np.repeat(scores.indptr[:-1], lengths)
-        self.grid = np.zeros((scores.shape[0], max(1, int(lengths.max(initial=0)))), np.float32)
-        self.columns = np.zeros(self.grid.shape, np.int64)
-        self.grid[rows, self.place], self.columns[rows, self.place] = scores.data, scores.indices
-        self.keys = rows.astype(np.int64) * self.width + scores.indices  # ascending
-
-    def _find(self, rows: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(whether each (row, item) is stored, its place in its grid row)."""
-        if self.keys is None:
-            return np.ones(items.shape, bool), items
-        if not self.keys.size:
-            return np.zeros(items.shape, bool), np.zeros(items.shape, np.int64)
-        wanted = rows.astype(np.int64) * self.width + items
-        at = np.minimum(np.searchsorted(self.keys, wanted), self.keys.size - 1)
-        return self.keys[at] == wanted, self.place[at]
-
-    def at(self, items: np.ndarray) -> np.ndarray:
-        """The score of each user's `items` (0 where none is stored)."""
-        found, place = self._find(np.arange(items.shape[0])[:, None], items)
-        return np.where(found, np.take_along_axis(self.grid, np.where(found, place, 0), 1), 0).astype(np.float32)
-
-    def strongest(self, exclude: tuple[np.ndarray, np.ndarray], n: int, allowed: np.ndarray | None) -> np.ndarray:
-        """Each row's `n` items of highest positive score, best first (ties: the lower item),
-        never item 0, a (row, item) pair of `exclude` or an item outside `allowed`; 0 past the
-        last."""
-        blocked = (self.columns == 0) | (self.grid <= 0)
-        if allowed is not None:
-            blocked |= ~allowed[self.columns]
-        found, place = self._find(*exclude)
-        blocked[exclude[0][found], place[found]] = True
-        grid = np.where(blocked, -np.inf, self.grid)
-        if grid.shape[1] < n:  # fewer stored than asked: padding, never chosen
-            grid = np.pad(grid, ((0, 0), (0, n - grid.shape[1])), constant_values=-np.inf)
-        top = _top(grid, n)
-        columns = np.take_along_axis(self.columns, np.minimum(top, self.columns.shape[1] - 1), 1)
-        return np.where(np.isfinite(np.take_along_axis(grid, top, 1)), columns, 0)
-
-
-def _top(scores: np.ndarray, n: int) -> np.ndarray:
-    """The columns of each row's `n` highest scores, highest first (ties: the lower column)."""
+    One integer key per stored entry orders by both: the score's bits (a positive float's
+    bits order as the floats do) above the item's complement. Each row's keys are laid side
+    by side, padded with 0 (below every kept entry) to the longest row, and partitioned.
+    The work follows the stored entries whatever the catalogue's size, and needs them in no
+    order within a row: the product's rows are never sorted."""
+    rows = scores.shape[0]
     if n == 0:
-        return np.zeros((scores.shape[0], 0), np.int64)
-    top = np.sort(np.argpartition(-scores, n - 1, axis=1)[:, :n], axis=1)
-    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), 1, kind="stable"), 1)
+        return np.zeros((rows, 0), np.int64), np.zeros((rows, 0), np.float32)
+    keys = np.left_shift(scores.data.astype(np.float32).view(np.int32), 32, dtype=np.int64)
+    keys |= np.invert(scores.indices.astype(np.uint32))
+    drop = ~(scores.data > 0) | (scores.indices == 0)
+    if allowed is not None:
+        drop |= ~allowed[scores.indices]
+    drop[blocked] = True
+    keys[drop] = 0
+    lengths = np.diff(scores.indptr)
+    width = max(n, int(lengths.max(initial=0)))
+    laid = np.zeros((rows, width), np.int64)
+    laid[np.repeat(np.arange(rows), lengths), np.arange(scores.nnz) - np.repeat(scores.indptr[:-1], lengths)] = keys
+    top = -np.sort(-np.partition(laid, width - n, axis=1)[:, width - n :], axis=1)
+    items = np.where(top > 0, ITEM_BITS - (top & ITEM_BITS), 0)
+    return items, (top >> 32).astype(np.int32).view(np.float32)
+
+
+def _places(scores: sp.csr_matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The place in `scores.data` of each (row, item) pair, -1 where it is not stored. One
+    pass over the stored entries (scipy's element-wise product with the pairs), in
+    whatever order a row holds them."""
+    if rows.size == 0:
+        return np.zeros(0, np.int64)
+    places = sp.csr_matrix((np.arange(1, scores.nnz + 1, dtype=np.float64), scores.indices, scores.indptr),
+                           shape=scores.shape)
+    asked = sp.csr_matrix((np.ones(rows.size), (rows, items)), shape=scores.shape)
+    asked.data[:] = 1.0  # a pair asked twice
+    found = places.multiply(asked).tocsr()  # the asked pairs that are stored, their place + 1
+    found.sort_indices()
+    return np.asarray(found[rows, items]).ravel().astype(np.int64) - 1
+
+
+def _at(scores: sp.csr_matrix, items: np.ndarray) -> np.ndarray:
+    """The score of each row's `items` (0 where none is stored)."""
+    return _stored(scores, _places(scores, np.repeat(np.arange(items.shape[0]), items.shape[1]), items.ravel())
+                   .reshape(items.shape))
+
+
+def _stored(scores: sp.csr_matrix, places: np.ndarray) -> np.ndarray:
+    """The value stored at each of `places` in `scores.data`; 0 at place -1 (the 0 appended)."""
+    return np.append(scores.data, np.float32(0)).astype(np.float32, copy=False)[places]
 
 
 def _rows_between(pairs: tuple[np.ndarray, np.ndarray], start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

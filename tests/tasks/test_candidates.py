@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from schemas.tables import CandidateSources
 from tasks.candidates import FEATURES, covisitation, covisited, generate
@@ -66,3 +67,22 @@ def test_covisited_items_are_the_best_scored_unseen_ones_and_zero_when_nothing_c
     top = covisited(similarity, recent, (np.array([0]), np.array([2])), half_life=5.0, n=3)
     assert top[0].tolist() == [3, 0, 0]  # item 2 co-occurs more with 1 but is excluded; only 3 is left
     assert top[1].tolist() == [0, 0, 0]
+
+
+def test_covisited_ties_keep_the_lower_items_where_the_list_cuts_through_them_in_any_stored_order():
+    # item 1 is as similar to each of items 2-7, stored highest item first
+    similarity = sp.csr_matrix((np.full(6, 0.5, np.float32), np.arange(7, 1, -1), np.array([0, 0, 6, 6, 6, 6, 6, 6, 6])),
+                               shape=(8, 8))
+    assert not similarity.has_sorted_indices
+    top = covisited(similarity, np.array([[1], [1]]), (np.array([1]), np.array([2])), half_life=5.0, n=3)
+    assert top.tolist() == [[2, 3, 4], [3, 4, 5]]  # the second user has item 2 excluded
+    nothing = np.array([], np.int64)
+    assert covisited(similarity, np.array([[1]]), (nothing, nothing), half_life=5.0, n=2).tolist() == [[2, 3]]
+
+
+def test_no_covisited_items_when_none_are_asked_for():
+    item_embeddings, similarity = catalogue()
+    found = generate(np.ones((2, 1), np.float32), item_embeddings, np.array([[1, 0], [4, 0]]), similarity,
+                     (np.array([], np.int64), np.array([], np.int64)), np.zeros(7), np.zeros(2),
+                     sources(two_tower=3, covisitation=0))
+    assert found.items.tolist() == [[1, 2, 3], [1, 2, 3]]
